@@ -1,0 +1,301 @@
+//! Typed configuration (TOML). Every key has a working default, so the relay runs with
+//! no file at all; unknown keys are errors that name the key.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A config file that could not be read or is invalid. The message names the file and,
+/// for unknown or mistyped keys, the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown key or a value of the wrong type.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What toml said (names the key and line).
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid config{}: {key}: {message}", .path.as_ref().map(|p| format!(" file {}", p.display())).unwrap_or_default())]
+    Invalid {
+        /// The file, if any.
+        path: Option<PathBuf>,
+        /// The dotted key, e.g. `sts.fetch_backoff_secs`.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[dns]`
+    pub dns: DnsConfig,
+    /// `[tls]`
+    pub tls: TlsConfig,
+    /// `[storage]`
+    pub storage: StorageConfig,
+    /// `[delivery]`
+    pub delivery: DeliveryConfig,
+    /// `[sts]`
+    pub sts: StsConfig,
+    #[serde(skip)]
+    source: Option<PathBuf>,
+}
+
+/// `[dns]`: how names are resolved.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Nameservers as `ip:port`; empty means the system resolver (`/etc/resolv.conf`).
+    pub nameservers: Vec<SocketAddr>,
+    /// Per-query timeout in seconds (default 5).
+    pub timeout_secs: Option<u64>,
+}
+
+/// `[tls]`: trust store shared by policy fetches and MX connections.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM files whose certificates are trusted in addition to webpki-roots.
+    pub extra_roots: Vec<PathBuf>,
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Directory for the policy cache (and later the spool). Default `./data`.
+    pub data_dir: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            data_dir: PathBuf::from("./data"),
+        }
+    }
+}
+
+/// `[delivery]`: outbound SMTP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// TCP port used to reach MX hosts (default 25).
+    pub port: u16,
+    /// Name sent in EHLO (default: this machine's host name).
+    pub helo_name: Option<String>,
+    /// TCP connect timeout in seconds (default 30).
+    pub connect_timeout_secs: u64,
+    /// Timeout for each SMTP reply, in seconds (default 300, RFC 5321 §4.5.3.2).
+    pub command_timeout_secs: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            port: 25,
+            helo_name: None,
+            connect_timeout_secs: 30,
+            command_timeout_secs: 300,
+        }
+    }
+}
+
+/// `[sts]`: MTA-STS policy discovery, fetch and cache.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StsConfig {
+    /// Connect timeout for the policy host, seconds (default 10).
+    pub fetch_connect_timeout_secs: u64,
+    /// Whole-fetch deadline (DNS, TCP, TLS, HTTP, body), seconds (default 60, RFC 8461 §3.3).
+    pub fetch_timeout_secs: u64,
+    /// HTTPS port of policy hosts (default 443; only tests change it).
+    pub policy_port: u16,
+    /// How often a cached policy's `_mta-sts` TXT id is re-checked on use, seconds (default 300).
+    pub txt_recheck_secs: u64,
+    /// Wait after a failed fetch before trying the same id again, seconds (default 300, minimum 300; RFC 8461 §3.3).
+    pub fetch_backoff_secs: u64,
+    /// Proactive refresh interval for cached policies, seconds (default 86400; at most daily).
+    pub refresh_secs: u64,
+    /// Policies kept in memory (the on-disk cache keeps all). Default 1,000,000.
+    pub cache_capacity: u64,
+}
+
+impl Default for StsConfig {
+    fn default() -> Self {
+        StsConfig {
+            fetch_connect_timeout_secs: 10,
+            fetch_timeout_secs: 60,
+            policy_port: 443,
+            txt_recheck_secs: 300,
+            fetch_backoff_secs: 300,
+            refresh_secs: 86_400,
+            cache_capacity: 1_000_000,
+        }
+    }
+}
+
+impl Config {
+    /// Read and validate a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg = Config::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            ConfigError::Invalid { key, message, .. } => ConfigError::Invalid {
+                path: Some(path.to_path_buf()),
+                key,
+                message,
+            },
+            other => other,
+        })?;
+        cfg.source = Some(path.to_path_buf());
+        Ok(cfg)
+    }
+
+    /// Parse and validate TOML text.
+    ///
+    /// ```
+    /// let cfg = stsrelay::Config::from_toml("[delivery]\nport = 2525\n").unwrap();
+    /// assert_eq!(cfg.delivery.port, 2525);
+    /// let err = stsrelay::Config::from_toml("[delivery]\nprot = 1\n").unwrap_err();
+    /// assert!(err.to_string().contains("prot"));
+    /// ```
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<string>"),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The file this config came from, if any.
+    pub fn source(&self) -> Option<&Path> {
+        self.source.as_deref()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                path: self.source.clone(),
+                key,
+                message: message.to_string(),
+            })
+        };
+        if self.sts.fetch_backoff_secs < 300 {
+            return invalid(
+                "sts.fetch_backoff_secs",
+                "must be at least 300 (RFC 8461 §3.3)",
+            );
+        }
+        if self.sts.fetch_timeout_secs == 0 || self.sts.fetch_connect_timeout_secs == 0 {
+            return invalid("sts.fetch_timeout_secs", "timeouts must be positive");
+        }
+        if self.sts.refresh_secs == 0 || self.sts.refresh_secs > 86_400 {
+            return invalid(
+                "sts.refresh_secs",
+                "must be between 1 and 86400 (refresh at least daily)",
+            );
+        }
+        if self.delivery.port == 0 {
+            return invalid("delivery.port", "must not be 0");
+        }
+        if self.delivery.connect_timeout_secs == 0 || self.delivery.command_timeout_secs == 0 {
+            return invalid("delivery.connect_timeout_secs", "timeouts must be positive");
+        }
+        Ok(())
+    }
+
+    /// The EHLO name: `delivery.helo_name` or the machine's host name.
+    pub fn helo_name(&self) -> String {
+        self.delivery.helo_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "localhost".to_string())
+        })
+    }
+
+    /// DNS per-query timeout.
+    pub fn dns_timeout(&self) -> Duration {
+        Duration::from_secs(self.dns.timeout_secs.unwrap_or(5))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_work_without_a_file() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.delivery.port, 25);
+        assert_eq!(c.storage.data_dir, PathBuf::from("./data"));
+        assert!(c.dns.nameservers.is_empty());
+        assert!(c.tls.extra_roots.is_empty());
+    }
+
+    #[test]
+    fn required_keys_parse() {
+        let c = Config::from_toml(
+            "[dns]\nnameservers = [\"127.0.0.1:5353\", \"[::1]:53\"]\n[tls]\nextra_roots = [\"/x/ca.pem\"]\n[storage]\ndata_dir = \"/var/lib/stsrelay\"\n[delivery]\nport = 2525\n",
+        )
+        .unwrap();
+        assert_eq!(c.dns.nameservers.len(), 2);
+        assert_eq!(c.tls.extra_roots, vec![PathBuf::from("/x/ca.pem")]);
+        assert_eq!(c.storage.data_dir, PathBuf::from("/var/lib/stsrelay"));
+        assert_eq!(c.delivery.port, 2525);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::from_toml("[dns]\nnameserver = []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nameserver"), "{e}");
+        let e = Config::from_toml("[bogus]\n").unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let e = Config::from_toml("[dns]\nnameservers = [\"1.2.3.4\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nameservers"), "{e}");
+    }
+
+    #[test]
+    fn backoff_below_five_minutes_is_refused() {
+        let e = Config::from_toml("[sts]\nfetch_backoff_secs = 10\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sts.fetch_backoff_secs"), "{e}");
+    }
+
+    #[test]
+    fn file_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[delivery]\nport = \"x\"\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("c.toml") && e.contains("port"), "{e}");
+    }
+}

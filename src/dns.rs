@@ -1,0 +1,198 @@
+//! DNS through hickory-resolver, with the nameservers from `[dns]` or the system's.
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::NetError;
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::{RData, RecordType};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A DNS failure that is not "no such record": SERVFAIL, timeout, refused, bad name.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("DNS lookup of {name} ({rtype}) failed: {reason}")]
+pub struct DnsError {
+    /// The queried name.
+    pub name: String,
+    /// The queried type.
+    pub rtype: &'static str,
+    /// What went wrong.
+    pub reason: String,
+}
+
+/// One MX record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mx {
+    /// Preference (lower first).
+    pub preference: u16,
+    /// Exchange host, lowercase, no trailing dot.
+    pub host: String,
+}
+
+/// The answer to an MX query (RFC 5321 §5.1, RFC 7505).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MxAnswer {
+    /// MX records, sorted by preference.
+    Hosts(Vec<Mx>),
+    /// No MX records: the domain itself is the implicit MX.
+    Implicit,
+    /// A null MX (`0 .`): the domain accepts no mail.
+    Null,
+    /// The domain does not exist.
+    NxDomain,
+}
+
+/// The resolver every part uses. Cheap to clone.
+#[derive(Clone)]
+pub struct Resolver {
+    inner: Arc<TokioResolver>,
+}
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Resolver")
+    }
+}
+
+impl Resolver {
+    /// Build a resolver: `nameservers` as `ip:port` (UDP and TCP), or the system's
+    /// configuration when empty.
+    pub fn new(nameservers: &[SocketAddr], timeout: Duration) -> Result<Resolver, DnsError> {
+        let err = |e: NetError| DnsError {
+            name: "<resolver configuration>".into(),
+            rtype: "-",
+            reason: e.to_string(),
+        };
+        let provider = TokioRuntimeProvider::default();
+        let mut builder = if nameservers.is_empty() {
+            TokioResolver::builder(provider).map_err(err)?
+        } else {
+            let servers = nameservers
+                .iter()
+                .map(|sa| {
+                    let mut udp = ConnectionConfig::udp();
+                    udp.port = sa.port();
+                    let mut tcp = ConnectionConfig::tcp();
+                    tcp.port = sa.port();
+                    NameServerConfig::new(sa.ip(), true, vec![udp, tcp])
+                })
+                .collect();
+            TokioResolver::builder_with_config(
+                ResolverConfig::from_parts(None, vec![], servers),
+                provider,
+            )
+        };
+        let opts: &mut ResolverOpts = builder.options_mut();
+        opts.timeout = timeout;
+        opts.attempts = 2;
+        opts.ndots = 0;
+        Ok(Resolver {
+            inner: Arc::new(builder.build().map_err(err)?),
+        })
+    }
+
+    /// From the `[dns]` section of a config.
+    pub fn from_config(cfg: &crate::Config) -> Result<Resolver, DnsError> {
+        Resolver::new(&cfg.dns.nameservers, cfg.dns_timeout())
+    }
+
+    fn fqdn(name: &str) -> String {
+        if name.ends_with('.') {
+            name.to_string()
+        } else {
+            format!("{name}.")
+        }
+    }
+
+    fn failure(name: &str, rtype: &'static str, e: &NetError) -> DnsError {
+        DnsError {
+            name: name.to_string(),
+            rtype,
+            reason: e.to_string(),
+        }
+    }
+
+    /// TXT records at `name`, each with its character-strings joined without a separator
+    /// (RFC 8461 §3.1, R4). CNAMEs are followed. No records (or NXDOMAIN) is `Ok(vec![])`.
+    pub async fn txt(&self, name: &str) -> Result<Vec<String>, DnsError> {
+        match self.inner.lookup(Self::fqdn(name), RecordType::TXT).await {
+            Ok(lookup) => Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::TXT(txt) => Some(
+                        txt.txt_data
+                            .iter()
+                            .map(|s| String::from_utf8_lossy(s))
+                            .collect::<String>(),
+                    ),
+                    _ => None,
+                })
+                .collect()),
+            Err(e) if e.is_no_records_found() => Ok(vec![]),
+            Err(e) => Err(Self::failure(name, "TXT", &e)),
+        }
+    }
+
+    /// MX records of `domain` in preference order (equal preferences keep DNS order).
+    pub async fn mx(&self, domain: &str) -> Result<MxAnswer, DnsError> {
+        match self.inner.lookup(Self::fqdn(domain), RecordType::MX).await {
+            Ok(lookup) => {
+                let mut mxs: Vec<Mx> = lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::MX(mx) => Some(Mx {
+                            preference: mx.preference,
+                            host: mx
+                                .exchange
+                                .to_ascii()
+                                .trim_end_matches('.')
+                                .to_ascii_lowercase(),
+                        }),
+                        _ => None,
+                    })
+                    .collect();
+                if mxs.is_empty() {
+                    return Ok(MxAnswer::Implicit);
+                }
+                if mxs.len() == 1 && mxs[0].host.is_empty() {
+                    return Ok(MxAnswer::Null);
+                }
+                mxs.retain(|m| !m.host.is_empty());
+                mxs.sort_by_key(|m| m.preference);
+                Ok(MxAnswer::Hosts(mxs))
+            }
+            Err(e) if e.is_nx_domain() => Ok(MxAnswer::NxDomain),
+            Err(e) if e.is_no_records_found() => Ok(MxAnswer::Implicit),
+            Err(e) => Err(Self::failure(domain, "MX", &e)),
+        }
+    }
+
+    /// IPv4 and IPv6 addresses of `host`. No addresses is `Ok(vec![])`.
+    pub async fn ips(&self, host: &str) -> Result<Vec<IpAddr>, DnsError> {
+        match self.inner.lookup_ip(Self::fqdn(host)).await {
+            Ok(l) => Ok(l.iter().collect()),
+            Err(e) if e.is_no_records_found() => Ok(vec![]),
+            Err(e) => Err(Self::failure(host, "A/AAAA", &e)),
+        }
+    }
+}
+
+/// Lets reqwest resolve the policy host through the same resolver (and nameservers).
+impl reqwest::dns::Resolve for Resolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let this = self.clone();
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let ips = this.ips(&host).await?;
+            if ips.is_empty() {
+                return Err(format!("{host} has no A or AAAA records").into());
+            }
+            let addrs: reqwest::dns::Addrs =
+                Box::new(ips.into_iter().map(|ip| SocketAddr::new(ip, 0)));
+            Ok(addrs)
+        })
+    }
+}
