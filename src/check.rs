@@ -4,7 +4,9 @@
 use crate::Config;
 use crate::dns::{MxAnswer, Resolver};
 use crate::smtp::outbound;
-use crate::sts::{FetchOptions, HttpsFetcher, Mode, PolicyFetcher, RecordError, normalize_host, select_record};
+use crate::sts::{
+    FetchOptions, HttpsFetcher, Mode, PolicyFetcher, RecordError, normalize_host, select_record,
+};
 use crate::tls::TrustStore;
 use crate::tlsrpt::{ResultType, TlsRptRecordError, select_tlsrpt_record};
 use serde::Serialize;
@@ -174,7 +176,8 @@ impl Checker {
                 };
             }
         };
-        let (sts_name, tlsrpt_name) = (format!("_mta-sts.{domain}"), format!("_smtp._tls.{domain}"));
+        let (sts_name, tlsrpt_name) =
+            (format!("_mta-sts.{domain}"), format!("_smtp._tls.{domain}"));
         let (sts, tlsrpt, mx) = tokio::join!(
             self.resolver.txt(&sts_name),
             self.resolver.txt(&tlsrpt_name),
@@ -315,7 +318,16 @@ impl Checker {
         let mut last_err = None;
         for ip in ips {
             let addr = SocketAddr::new(ip, self.port);
-            match outbound::probe(addr, host, &self.helo, &self.trust, self.connect_timeout, self.timeout).await {
+            match outbound::probe(
+                addr,
+                host,
+                &self.helo,
+                &self.trust,
+                self.connect_timeout,
+                self.timeout,
+            )
+            .await
+            {
                 Ok(p) => {
                     report.address = Some(addr.to_string());
                     report.starttls = p.starttls;
@@ -351,7 +363,11 @@ impl Report {
         let _ = writeln!(s, "MTA-STS check for {}", self.domain);
         match &self.sts_record {
             None => {
-                let _ = writeln!(s, "  [FAIL] _mta-sts.{} TXT: none (no MTA-STS)", self.domain);
+                let _ = writeln!(
+                    s,
+                    "  [FAIL] _mta-sts.{} TXT: none (no MTA-STS)",
+                    self.domain
+                );
             }
             Some(r) => {
                 let _ = writeln!(
@@ -359,22 +375,37 @@ impl Report {
                     "  [{}] _mta-sts.{} TXT: {}",
                     mark(r.ok),
                     self.domain,
-                    r.id.as_deref().map(|i| format!("id={i}")).or(r.error.clone()).unwrap_or_default()
+                    r.id.as_deref()
+                        .map(|i| format!("id={i}"))
+                        .or(r.error.clone())
+                        .unwrap_or_default()
                 );
             }
         }
         match &self.policy {
             None => {}
-            Some(PolicyReport::Valid { mode, max_age, mx, .. }) => {
-                let _ = writeln!(s, "  [ok  ] policy: mode={mode} max_age={max_age} mx={}", mx.join(", "));
+            Some(PolicyReport::Valid {
+                mode, max_age, mx, ..
+            }) => {
+                let _ = writeln!(
+                    s,
+                    "  [ok  ] policy: mode={mode} max_age={max_age} mx={}",
+                    mx.join(", ")
+                );
             }
-            Some(PolicyReport::Failed { result_type, error, .. }) => {
+            Some(PolicyReport::Failed {
+                result_type, error, ..
+            }) => {
                 let _ = writeln!(s, "  [FAIL] policy: {result_type}: {error}");
             }
         }
         match &self.tlsrpt_record {
             None => {
-                let _ = writeln!(s, "  [info] _smtp._tls.{} TXT: none (no TLS reports requested)", self.domain);
+                let _ = writeln!(
+                    s,
+                    "  [info] _smtp._tls.{} TXT: none (no TLS reports requested)",
+                    self.domain
+                );
             }
             Some(r) => {
                 let _ = writeln!(
@@ -383,7 +414,10 @@ impl Report {
                     mark(r.ok),
                     self.domain,
                     r.rua.join(", "),
-                    r.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
+                    r.error
+                        .as_deref()
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default()
                 );
             }
         }
@@ -391,7 +425,16 @@ impl Report {
             let _ = writeln!(s, "  [FAIL] {e}");
         }
         for m in &self.mx {
-            let _ = writeln!(s, "  MX {} {}{}", m.preference, m.host, m.address.as_deref().map(|a| format!(" ({a})")).unwrap_or_default());
+            let _ = writeln!(
+                s,
+                "  MX {} {}{}",
+                m.preference,
+                m.host,
+                m.address
+                    .as_deref()
+                    .map(|a| format!(" ({a})"))
+                    .unwrap_or_default()
+            );
             match m.policy_match {
                 Some(b) => {
                     let _ = writeln!(s, "    [{}] matches policy", mark(b));
@@ -417,7 +460,15 @@ impl Report {
                 }
             );
         }
-        let _ = writeln!(s, "{}", if self.ok { "RESULT: ok" } else { "RESULT: FAIL" });
+        let _ = writeln!(
+            s,
+            "{}",
+            if self.ok {
+                "RESULT: ok"
+            } else {
+                "RESULT: FAIL"
+            }
+        );
         s
     }
 }

@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use stsrelay::Config;
 
 #[derive(Parser)]
-#[command(name = "stsrelay", version, about = "MTA-STS enforcing SMTP relay and policy checker")]
+#[command(
+    name = "stsrelay",
+    version,
+    about = "MTA-STS enforcing SMTP relay and policy checker"
+)]
 struct Cli {
     /// Config file (TOML). Without it, built-in defaults are used.
     #[arg(long, global = true, value_name = "FILE")]
@@ -48,7 +52,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("stsrelay: cannot start the async runtime: {e}");
@@ -80,5 +87,9 @@ async fn check(cfg: &Config, domain: &str, json: bool) -> ExitCode {
     } else {
         print!("{}", report.to_text());
     }
-    if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }

@@ -108,7 +108,11 @@ pub struct TlsInfo {
 
 impl Client<TcpStream> {
     /// Connect and read the greeting; a non-220 greeting is an error.
-    pub async fn connect(addr: SocketAddr, connect_timeout: Duration, timeout: Duration) -> Result<(Self, Reply), SmtpError> {
+    pub async fn connect(
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Result<(Self, Reply), SmtpError> {
         let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| SmtpError::Connect {
@@ -149,7 +153,9 @@ impl Client<TcpStream> {
         }
         if !self.io.buffer().is_empty() {
             // RFC 3207 §4.2 / CVE-2011-0411: nothing may be pipelined before the handshake.
-            return Err(SmtpError::Protocol("data sent before the TLS handshake".into()));
+            return Err(SmtpError::Protocol(
+                "data sent before the TLS handshake".into(),
+            ));
         }
         let name = ServerName::try_from(server_name.to_string()).map_err(|e| {
             SmtpError::Tls(TlsFailure {
@@ -205,7 +211,10 @@ impl<S: Stream> Client<S> {
     /// Send a command line (CRLF added) and read the reply.
     pub async fn command(&mut self, line: &str) -> Result<Reply, SmtpError> {
         tokio::time::timeout(self.timeout, async {
-            self.io.get_mut().write_all(format!("{line}\r\n").as_bytes()).await?;
+            self.io
+                .get_mut()
+                .write_all(format!("{line}\r\n").as_bytes())
+                .await?;
             self.io.get_mut().flush().await?;
             Ok::<_, SmtpError>(())
         })
@@ -237,7 +246,9 @@ async fn read_reply<R: AsyncBufReadExt + Unpin>(r: &mut R) -> Result<Reply, Smtp
     let mut code = None;
     for _ in 0..MAX_LINES {
         let mut buf = Vec::new();
-        let n = tokio::io::AsyncReadExt::take(&mut *r, MAX_LINE as u64 + 2).read_until(b'\n', &mut buf).await?;
+        let n = tokio::io::AsyncReadExt::take(&mut *r, MAX_LINE as u64 + 2)
+            .read_until(b'\n', &mut buf)
+            .await?;
         if n == 0 {
             return Err(SmtpError::Io(std::io::ErrorKind::UnexpectedEof.into()));
         }
@@ -252,7 +263,9 @@ async fn read_reply<R: AsyncBufReadExt + Unpin>(r: &mut R) -> Result<Reply, Smtp
             .and_then(|c| c.parse().ok())
             .ok_or_else(|| SmtpError::Protocol(line.to_string()))?;
         if code.is_some_and(|prev| prev != c) {
-            return Err(SmtpError::Protocol(format!("reply code changed mid-reply: {line}")));
+            return Err(SmtpError::Protocol(format!(
+                "reply code changed mid-reply: {line}"
+            )));
         }
         code = Some(c);
         let more = rest.starts_with('-');
@@ -326,7 +339,8 @@ mod tests {
 
     #[tokio::test]
     async fn multiline_replies_parse() {
-        let mut r = BufReader::new(&b"250-mx.example Hello\r\n250-PIPELINING\r\n250 STARTTLS\r\n"[..]);
+        let mut r =
+            BufReader::new(&b"250-mx.example Hello\r\n250-PIPELINING\r\n250 STARTTLS\r\n"[..]);
         let reply = read_reply(&mut r).await.unwrap();
         assert_eq!(reply.code, 250);
         assert!(reply.has_extension("starttls"));
@@ -335,12 +349,25 @@ mod tests {
 
     #[tokio::test]
     async fn bad_replies_are_errors_not_panics() {
-        for bad in [&b"25\r\n"[..], b"abc hello\r\n", b"250-a\r\n251 b\r\n", b"250-a\r\n", b""] {
+        for bad in [
+            &b"25\r\n"[..],
+            b"abc hello\r\n",
+            b"250-a\r\n251 b\r\n",
+            b"250-a\r\n",
+            b"",
+        ] {
             let mut r = BufReader::new(bad);
-            assert!(read_reply(&mut r).await.is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                read_reply(&mut r).await.is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
         let long = format!("250 {}\r\n", "x".repeat(MAX_LINE + 10));
         let mut r = BufReader::new(long.as_bytes());
-        assert!(matches!(read_reply(&mut r).await, Err(SmtpError::Protocol(_))));
+        assert!(matches!(
+            read_reply(&mut r).await,
+            Err(SmtpError::Protocol(_))
+        ));
     }
 }

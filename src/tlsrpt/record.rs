@@ -68,7 +68,11 @@ fn is_tlsrpt_record(txt: &str) -> bool {
 
 /// Select and parse the one TLS-RPT record of a TXT RRset (strings already joined).
 pub fn select_tlsrpt_record<S: AsRef<str>>(txt: &[S]) -> Result<TlsRptRecord, TlsRptRecordError> {
-    let found: Vec<&str> = txt.iter().map(AsRef::as_ref).filter(|t| is_tlsrpt_record(t)).collect();
+    let found: Vec<&str> = txt
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|t| is_tlsrpt_record(t))
+        .collect();
     match found.as_slice() {
         [] => Err(TlsRptRecordError::NoRecord),
         [one] => parse(one),
@@ -78,7 +82,11 @@ pub fn select_tlsrpt_record<S: AsRef<str>>(txt: &[S]) -> Result<TlsRptRecord, Tl
 
 fn parse(txt: &str) -> Result<TlsRptRecord, TlsRptRecordError> {
     let rest = &txt[VERSION.len()..];
-    let fields: Vec<&str> = rest.split(';').skip(1).map(|f| f.trim_matches(is_wsp)).collect();
+    let fields: Vec<&str> = rest
+        .split(';')
+        .skip(1)
+        .map(|f| f.trim_matches(is_wsp))
+        .collect();
     let mut rua = None;
     for (i, f) in fields.iter().enumerate() {
         if f.is_empty() && i + 1 == fields.len() && i > 0 {
@@ -91,7 +99,12 @@ fn parse(txt: &str) -> Result<TlsRptRecord, TlsRptRecordError> {
             if rua.is_none() {
                 rua = Some(value);
             }
-        } else if name.is_empty() || value.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)) {
+        } else if name.is_empty()
+            || value.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        {
             return Err(TlsRptRecordError::MalformedField(f.to_string()));
         }
     }
@@ -158,11 +171,17 @@ mod tests {
     #[test]
     fn r58_selection() {
         assert_eq!(
-            select_tlsrpt_record(&["v=TLSRPTv1; rua=mailto:a@x.test", "v=TLSRPTv1; rua=mailto:b@x.test"]),
+            select_tlsrpt_record(&[
+                "v=TLSRPTv1; rua=mailto:a@x.test",
+                "v=TLSRPTv1; rua=mailto:b@x.test"
+            ]),
             Err(TlsRptRecordError::MultipleRecords(2))
         );
         let joined = ["v=TLSRPTv1; rua=mai", "lto:r@x.test"].concat();
-        assert_eq!(select_tlsrpt_record(&[joined]).unwrap().rua, vec![Rua::Mailto("r@x.test".into())]);
+        assert_eq!(
+            select_tlsrpt_record(&[joined]).unwrap().rua,
+            vec![Rua::Mailto("r@x.test".into())]
+        );
         assert_eq!(
             select_tlsrpt_record(&["v=tlsrptv1; rua=mailto:a@x.test"]),
             Err(TlsRptRecordError::NoRecord)
@@ -173,21 +192,30 @@ mod tests {
     fn r59_r61_grammar_and_schemes() {
         let r = select_tlsrpt_record(&["v=TLSRPTv1; foo=1; rua=mailto:a@x.test"]).unwrap();
         assert_eq!(r.rua, vec![Rua::Mailto("a@x.test".into())]);
-        assert_eq!(select_tlsrpt_record(&["v=TLSRPTv1;"]), Err(TlsRptRecordError::MissingRua));
+        assert_eq!(
+            select_tlsrpt_record(&["v=TLSRPTv1;"]),
+            Err(TlsRptRecordError::MissingRua)
+        );
         assert_eq!(
             select_tlsrpt_record(&["v=TLSRPTv1; rua=http://r.x.test/"]),
             Err(TlsRptRecordError::NoUsableRua)
         );
-        let r = select_tlsrpt_record(&["v=TLSRPTv1;rua=mailto:a%2Cb@x.test ,  https://r.x.test/t;"]).unwrap();
+        let r =
+            select_tlsrpt_record(&["v=TLSRPTv1;rua=mailto:a%2Cb@x.test ,  https://r.x.test/t;"])
+                .unwrap();
         assert_eq!(
             r.rua,
-            vec![Rua::Mailto("a,b@x.test".into()), Rua::Https("https://r.x.test/t".into())]
+            vec![
+                Rua::Mailto("a,b@x.test".into()),
+                Rua::Https("https://r.x.test/t".into())
+            ]
         );
     }
 
     #[test]
     fn r60_raw_bang_skips_only_that_uri() {
-        let r = select_tlsrpt_record(&["v=TLSRPTv1; rua=mailto:a@x.test!10m,mailto:b@x.test"]).unwrap();
+        let r =
+            select_tlsrpt_record(&["v=TLSRPTv1; rua=mailto:a@x.test!10m,mailto:b@x.test"]).unwrap();
         assert_eq!(r.rua, vec![Rua::Mailto("b@x.test".into())]);
         assert_eq!(r.skipped.len(), 1);
     }

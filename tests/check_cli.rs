@@ -1,0 +1,327 @@
+//! `stsrelay check` through the real binary against in-process DNS, HTTPS policy host
+//! and STARTTLS SMTP sinks on loopback addresses.
+
+mod common;
+
+use common::dns::TestDns;
+use common::https::{Behaviour, PolicyHost};
+use common::pki::{TestCa, self_signed};
+use common::smtp::{SinkOptions, SmtpSink, free_port_on};
+use serde_json::Value;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+struct Lab {
+    dns: TestDns,
+    host: PolicyHost,
+    ca: TestCa,
+    dir: tempfile::TempDir,
+    port: u16,
+    sinks: Vec<SmtpSink>,
+}
+
+fn ip(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, last)
+}
+
+// Sinks live on 127.0.0.20..=127.0.0.29, all on one port (delivery.port).
+const SINK_IPS: std::ops::RangeInclusive<u8> = 20..=29;
+
+impl Lab {
+    async fn new() -> Lab {
+        let ips: Vec<Ipv4Addr> = SINK_IPS.map(ip).collect();
+        Lab {
+            dns: TestDns::start().await,
+            host: PolicyHost::start(IpAddr::V4(Ipv4Addr::LOCALHOST)).await,
+            ca: TestCa::new("stsrelay check test CA"),
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port_on(&ips),
+            sinks: vec![],
+        }
+    }
+
+    fn policy(&self, domain: &str, id: &str, b: Behaviour) {
+        let ph = format!("mta-sts.{domain}");
+        self.dns.add_a(&ph, Ipv4Addr::LOCALHOST);
+        self.host.set_cert(&ph, &self.ca.leaf(&[&ph]));
+        self.host.serve(&ph, b);
+        self.dns.set_txt(
+            &format!("_mta-sts.{domain}"),
+            &[&[&format!("v=STSv1; id={id}")]],
+        );
+    }
+
+    async fn mx(&mut self, domain: &str, pref: u16, host: &str, last: u8, opts: SinkOptions) {
+        self.dns.add_mx(domain, pref, host);
+        self.dns.add_a(host, ip(last));
+        let sink = SmtpSink::start(SocketAddr::new(IpAddr::V4(ip(last)), self.port), opts)
+            .await
+            .unwrap();
+        self.sinks.push(sink);
+    }
+
+    fn config(&self) -> PathBuf {
+        let ca = self.ca.write_ca_pem(self.dir.path());
+        let path = self.dir.path().join("stsrelay.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[dns]\nnameservers = [\"{}\"]\n[tls]\nextra_roots = [\"{}\"]\n[storage]\ndata_dir = \"{}\"\n[delivery]\nport = {}\nhelo_name = \"relay.sender.test\"\n[sts]\npolicy_port = {}\nfetch_timeout_secs = 5\n",
+                self.dns.addr(),
+                ca.display(),
+                self.dir.path().join("data").display(),
+                self.port,
+                self.host.addr().port()
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    async fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_stsrelay"))
+            .arg("--config")
+            .arg(self.config())
+            .args(args)
+            .output()
+            .await
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    async fn check_json(&self, domain: &str) -> (i32, Value) {
+        let (code, out, err) = self.run(&["check", "--json", domain]).await;
+        let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+        (code, v)
+    }
+}
+
+const ENFORCE_GOOD: &str = "version: STSv1\nmode: enforce\nmx: *.good.test\nmax_age: 86400\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn good_domain_passes_with_exit_0() {
+    let mut lab = Lab::new().await;
+    lab.policy("good.test", "20261128", Behaviour::policy(ENFORCE_GOOD));
+    lab.dns.set_txt(
+        "_smtp._tls.good.test",
+        &[&["v=TLSRPTv1; rua=mailto:tlsrpt@good.test,https://r.good.test/x"]],
+    );
+    let leaf1 = lab.ca.leaf(&["mx1.good.test"]);
+    let leaf2 = lab.ca.leaf(&["*.good.test"]);
+    lab.mx(
+        "good.test",
+        10,
+        "mx1.good.test",
+        20,
+        SinkOptions::tls("mx1.good.test", leaf1.server_config()),
+    )
+    .await;
+    lab.mx(
+        "good.test",
+        20,
+        "mx2.good.test",
+        21,
+        SinkOptions::tls("mx2.good.test", leaf2.server_config()),
+    )
+    .await;
+    let (code, v) = lab.check_json("good.test").await;
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(v["domain"], "good.test");
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["sts_record"]["ok"], true);
+    assert_eq!(v["sts_record"]["id"], "20261128");
+    assert_eq!(v["policy"]["ok"], true);
+    assert_eq!(v["policy"]["mode"], "enforce");
+    assert_eq!(v["policy"]["max_age"], 86400);
+    assert_eq!(v["policy"]["mx"], serde_json::json!(["*.good.test"]));
+    assert_eq!(v["tlsrpt_record"]["ok"], true);
+    assert_eq!(
+        v["tlsrpt_record"]["rua"],
+        serde_json::json!(["mailto:tlsrpt@good.test", "https://r.good.test/x"])
+    );
+    let mx = v["mx"].as_array().unwrap();
+    assert_eq!(mx.len(), 2);
+    assert_eq!(mx[0]["host"], "mx1.good.test");
+    assert_eq!(mx[0]["preference"], 10);
+    assert_eq!(mx[1]["host"], "mx2.good.test");
+    for m in mx {
+        assert_eq!(m["policy_match"], true);
+        assert_eq!(m["starttls"], true);
+        assert_eq!(m["tls_version"], "TLSv1.3");
+        assert_eq!(m["certificate"]["ok"], true);
+        assert_eq!(m["certificate"]["result_type"], Value::Null);
+    }
+    // R47: SNI was the MX host name.
+    assert_eq!(
+        lab.sinks[0].handshakes(),
+        vec![Some("mx1.good.test".to_string())]
+    );
+    // Human output says the same.
+    let (code, text, _) = lab.run(&["check", "good.test"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        text.contains("mode=enforce") && text.contains("RESULT: ok"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_mx_failure_is_classified_and_exits_1() {
+    let mut lab = Lab::new().await;
+    lab.policy(
+        "bad.test",
+        "1",
+        Behaviour::policy("version: STSv1\nmode: enforce\nmx: *.bad.test\nmax_age: 86400\n"),
+    );
+    let expired = lab.ca.leaf_expired(&["mx1.bad.test"]);
+    let wrong = lab.ca.leaf(&["other.bad.test"]);
+    let untrusted = self_signed(&["mx4.bad.test"]);
+    let outside = lab.ca.leaf(&["mx.elsewhere.test"]);
+    lab.mx(
+        "bad.test",
+        10,
+        "mx1.bad.test",
+        22,
+        SinkOptions::tls("mx1.bad.test", expired.server_config()),
+    )
+    .await;
+    lab.mx(
+        "bad.test",
+        20,
+        "mx2.bad.test",
+        23,
+        SinkOptions::tls("mx2.bad.test", wrong.server_config()),
+    )
+    .await;
+    lab.mx(
+        "bad.test",
+        30,
+        "mx3.bad.test",
+        24,
+        SinkOptions::plain("mx3.bad.test"),
+    )
+    .await;
+    lab.mx(
+        "bad.test",
+        40,
+        "mx4.bad.test",
+        25,
+        SinkOptions::tls("mx4.bad.test", untrusted.server_config()),
+    )
+    .await;
+    lab.mx(
+        "bad.test",
+        50,
+        "mx.elsewhere.test",
+        26,
+        SinkOptions::tls("mx.elsewhere.test", outside.server_config()),
+    )
+    .await;
+    let (code, v) = lab.check_json("bad.test").await;
+    assert_eq!(code, 1, "{v:#}");
+    assert_eq!(v["ok"], false);
+    let mx = v["mx"].as_array().unwrap();
+    let by_host = |h: &str| mx.iter().find(|m| m["host"] == h).unwrap().clone();
+    assert_eq!(
+        by_host("mx1.bad.test")["certificate"]["result_type"],
+        "certificate-expired"
+    );
+    assert_eq!(
+        by_host("mx2.bad.test")["certificate"]["result_type"],
+        "certificate-host-mismatch"
+    );
+    let m3 = by_host("mx3.bad.test");
+    assert_eq!(m3["starttls"], false);
+    assert_eq!(m3["tls_version"], Value::Null);
+    assert_eq!(m3["certificate"]["result_type"], "starttls-not-supported");
+    assert_eq!(
+        by_host("mx4.bad.test")["certificate"]["result_type"],
+        "certificate-not-trusted"
+    );
+    let out = by_host("mx.elsewhere.test");
+    assert_eq!(out["policy_match"], false);
+    assert_eq!(out["certificate"]["ok"], true);
+    for h in [
+        "mx1.bad.test",
+        "mx2.bad.test",
+        "mx3.bad.test",
+        "mx4.bad.test",
+    ] {
+        assert_eq!(by_host(h)["policy_match"], true, "{h}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_record_and_failed_fetch_are_reported() {
+    let mut lab = Lab::new().await;
+    let leaf = lab.ca.leaf(&["mx.nosts.test"]);
+    lab.mx(
+        "nosts.test",
+        10,
+        "mx.nosts.test",
+        27,
+        SinkOptions::tls("mx.nosts.test", leaf.server_config()),
+    )
+    .await;
+    let (code, v) = lab.check_json("nosts.test").await;
+    assert_eq!(code, 1);
+    assert_eq!(v["sts_record"], Value::Null);
+    assert_eq!(v["policy"], Value::Null);
+    assert_eq!(v["tlsrpt_record"], Value::Null);
+    assert_eq!(v["mx"][0]["policy_match"], Value::Null);
+    assert_eq!(v["mx"][0]["certificate"]["ok"], true);
+
+    lab.policy("broken.test", "1", Behaviour::status(404, "not here"));
+    lab.dns.set_txt(
+        "_smtp._tls.broken.test",
+        &[&["v=TLSRPTv1; rua=ftp://x.test/"]],
+    );
+    let (code, v) = lab.check_json("broken.test").await;
+    assert_eq!(code, 1);
+    assert_eq!(v["sts_record"]["ok"], true);
+    assert_eq!(v["policy"]["ok"], false);
+    assert_eq!(v["policy"]["result_type"], "sts-policy-fetch-error");
+    assert!(v["policy"]["error"].as_str().unwrap().contains("404"));
+    assert_eq!(v["tlsrpt_record"]["ok"], false);
+
+    lab.dns.set_txt(
+        "_mta-sts.two.test",
+        &[&["v=STSv1; id=1"], &["v=STSv1; id=2"]],
+    );
+    let (code, v) = lab.check_json("two.test").await;
+    assert_eq!(code, 1);
+    assert_eq!(v["sts_record"]["ok"], false);
+    assert!(
+        v["sts_record"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("2 TXT records")
+    );
+    assert_eq!(v["policy"], Value::Null);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_and_config_errors_exit_2() {
+    let lab = Lab::new().await;
+    let (code, _, err) = lab.run(&["check"]).await;
+    assert_eq!(code, 2, "{err}");
+    let bad = lab.dir.path().join("bad.toml");
+    std::fs::write(&bad, "[dns]\nnameserver = []\n").unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_stsrelay"))
+        .arg("--config")
+        .arg(&bad)
+        .args(["check", "example.test"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nameserver") && err.contains("bad.toml"),
+        "{err}"
+    );
+}
