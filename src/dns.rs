@@ -180,6 +180,22 @@ impl Resolver {
     }
 }
 
+/// TXT lookups, the one DNS query the policy engine makes. [`Resolver`] implements
+/// it; a custom MTA may supply its own.
+#[async_trait::async_trait]
+pub trait TxtLookup: Send + Sync {
+    /// TXT records at `name`, each record's strings joined without separator;
+    /// `Ok(vec![])` when there are none.
+    async fn txt(&self, name: &str) -> Result<Vec<String>, DnsError>;
+}
+
+#[async_trait::async_trait]
+impl TxtLookup for Resolver {
+    async fn txt(&self, name: &str) -> Result<Vec<String>, DnsError> {
+        Resolver::txt(self, name).await
+    }
+}
+
 /// Lets reqwest resolve the policy host through the same resolver (and nameservers).
 impl reqwest::dns::Resolve for Resolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {

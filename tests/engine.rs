@@ -77,7 +77,7 @@ impl World {
         )
         .unwrap();
         let store = SqliteStore::open(&self.dir.path().join("data")).unwrap();
-        Engine::builder(resolver, Arc::new(fetcher), Arc::new(store))
+        Engine::builder(Arc::new(resolver), Arc::new(fetcher), Arc::new(store))
             .clock(Arc::new(self.clock.clone()))
             .options(EngineOptions::default())
             .build()

@@ -1,8 +1,10 @@
 //! Persistence behind one trait, so the embedded SQLite store and a shared store for
 //! several nodes are interchangeable. So far it holds MTA-STS policies.
 
+mod memory;
 mod sqlite;
 
+pub use memory::MemoryStore;
 pub use sqlite::SqliteStore;
 
 use crate::sts::CachedPolicy;

@@ -1,14 +1,15 @@
 //! The policy engine: discovery, fetch, cache (memory + store), id re-checks, back-off
 //! and proactive refresh (RFC 8461 §3.3, §5.1, §10.2; R30–R38).
 
+use super::cache::PolicyCache;
 use super::fetch::{FetchError, PolicyFetcher};
 use super::policy::{Mode, Policy, normalize_host};
 use super::record::{RecordError, select_record};
 use crate::clock::{Clock, SystemClock};
-use crate::dns::Resolver;
+use crate::dns::{Resolver, TxtLookup};
 use crate::store::PolicyStore;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -180,11 +181,6 @@ pub struct EngineStats {
     pub txt_lookups: AtomicU64,
 }
 
-struct Entry {
-    policy: Arc<CachedPolicy>,
-    last_txt_check: AtomicI64,
-}
-
 struct Backoff {
     id: String,
     until: i64,
@@ -208,12 +204,12 @@ pub struct Engine {
 }
 
 struct Inner {
-    resolver: Resolver,
+    dns: Arc<dyn TxtLookup>,
     fetcher: Arc<dyn PolicyFetcher>,
     store: Arc<dyn PolicyStore>,
     clock: Arc<dyn Clock>,
     opts: EngineOptions,
-    cache: moka::future::Cache<String, Arc<Entry>>,
+    cache: PolicyCache,
     backoff: Mutex<HashMap<String, Backoff>>,
     inflight: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
     stats: EngineStats,
@@ -227,35 +223,9 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-/// Frees memory when a policy expires; correctness never depends on it (every read
-/// checks the engine's clock).
-struct ExpireWithPolicy;
-
-impl moka::Expiry<String, Arc<Entry>> for ExpireWithPolicy {
-    fn expire_after_create(
-        &self,
-        _k: &String,
-        v: &Arc<Entry>,
-        _at: std::time::Instant,
-    ) -> Option<Duration> {
-        let left = v.policy.expires_at() - SystemClock.now();
-        Some(Duration::from_secs(left.max(0) as u64))
-    }
-
-    fn expire_after_update(
-        &self,
-        k: &String,
-        v: &Arc<Entry>,
-        at: std::time::Instant,
-        _d: Option<Duration>,
-    ) -> Option<Duration> {
-        self.expire_after_create(k, v, at)
-    }
-}
-
 /// Builder-style construction of an [`Engine`] from its parts.
 pub struct EngineBuilder {
-    resolver: Resolver,
+    dns: Arc<dyn TxtLookup>,
     fetcher: Arc<dyn PolicyFetcher>,
     store: Arc<dyn PolicyStore>,
     clock: Arc<dyn Clock>,
@@ -277,13 +247,10 @@ impl EngineBuilder {
 
     /// Build the engine.
     pub fn build(self) -> Engine {
-        let cache = moka::future::Cache::builder()
-            .max_capacity(self.opts.cache_capacity)
-            .expire_after(ExpireWithPolicy)
-            .build();
+        let cache = PolicyCache::new(self.opts.cache_capacity);
         Engine {
             inner: Arc::new(Inner {
-                resolver: self.resolver,
+                dns: self.dns,
                 fetcher: self.fetcher,
                 store: self.store,
                 clock: self.clock,
@@ -315,15 +282,49 @@ pub enum EngineSetupError {
 }
 
 impl Engine {
-    /// Start building an engine from its parts: a resolver for `_mta-sts` TXT lookups,
-    /// a policy fetcher and a persistent store.
+    /// Start building an engine from its parts: `_mta-sts` TXT lookups (usually a
+    /// [`Resolver`]), a policy fetcher (usually an [`HttpsFetcher`](super::HttpsFetcher))
+    /// and a persistent store.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use stsrelay::dns::{DnsError, TxtLookup};
+    /// use stsrelay::store::MemoryStore;
+    /// use stsrelay::sts::{Engine, FetchError, Mode, MxDecision, Policy, PolicyFetcher};
+    ///
+    /// // Stand-ins for DNS and HTTPS, as a custom MTA might wire its own.
+    /// struct Dns;
+    /// #[async_trait::async_trait]
+    /// impl TxtLookup for Dns {
+    ///     async fn txt(&self, name: &str) -> Result<Vec<String>, DnsError> {
+    ///         Ok(if name == "_mta-sts.example.com" { vec!["v=STSv1; id=2026".into()] } else { vec![] })
+    ///     }
+    /// }
+    /// struct Web;
+    /// #[async_trait::async_trait]
+    /// impl PolicyFetcher for Web {
+    ///     async fn fetch(&self, _domain: &str) -> Result<Policy, FetchError> {
+    ///         Ok(Policy::parse("version: STSv1\nmode: enforce\nmx: *.example.com\nmax_age: 86400\n").unwrap())
+    ///     }
+    /// }
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let engine = Engine::builder(Arc::new(Dns), Arc::new(Web), Arc::new(MemoryStore::default())).build();
+    /// let lookup = engine.policy("Example.COM").await.unwrap();
+    /// assert_eq!(lookup.mode(), Some(Mode::Enforce));
+    /// assert_eq!(lookup.check_mx("mx1.example.com"), MxDecision::Allowed(Mode::Enforce));
+    /// assert!(!lookup.check_mx("mx.attacker.test").may_deliver());
+    /// // No policy published: opportunistic TLS.
+    /// assert_eq!(engine.policy("example.org").await.unwrap().check_mx("mx.example.org"), MxDecision::NoPolicy);
+    /// # });
+    /// ```
     pub fn builder(
-        resolver: Resolver,
+        dns: Arc<dyn TxtLookup>,
         fetcher: Arc<dyn PolicyFetcher>,
         store: Arc<dyn PolicyStore>,
     ) -> EngineBuilder {
         EngineBuilder {
-            resolver,
+            dns,
             fetcher,
             store,
             clock: Arc::new(SystemClock),
@@ -343,7 +344,7 @@ impl Engine {
         )?;
         let store = crate::store::SqliteStore::open(&cfg.storage.data_dir)?;
         Ok(
-            Engine::builder(resolver, Arc::new(fetcher), Arc::new(store))
+            Engine::builder(Arc::new(resolver), Arc::new(fetcher), Arc::new(store))
                 .options(EngineOptions::from_config(cfg))
                 .build(),
         )
@@ -352,6 +353,11 @@ impl Engine {
     /// Counters.
     pub fn stats(&self) -> &EngineStats {
         &self.inner.stats
+    }
+
+    /// Policies currently held in memory.
+    pub fn memory_entries(&self) -> usize {
+        self.inner.cache.len()
     }
 
     /// What policy governs `domain` now?
@@ -363,7 +369,7 @@ impl Engine {
     /// one fetch.
     pub async fn policy(&self, domain: &str) -> Result<Lookup, EngineError> {
         let now = self.inner.clock.now();
-        if let Some(hit) = self.cached_fast(domain, now).await {
+        if let Some(hit) = self.cached_fast(domain, now) {
             return Ok(hit);
         }
         let domain = normalize_domain(domain)?;
@@ -389,8 +395,8 @@ impl Engine {
     /// The cached policy of `domain` without any network access (valid or not).
     pub async fn cached(&self, domain: &str) -> Option<Arc<CachedPolicy>> {
         let domain = normalize_domain(domain).ok()?;
-        if let Some(e) = self.inner.cache.get(&domain).await {
-            return Some(e.policy.clone());
+        if let Some(p) = self.inner.cache.get(&domain) {
+            return Some(p);
         }
         match self.inner.store.get_policy(&domain).await {
             Ok(p) => p.map(Arc::new),
@@ -402,27 +408,30 @@ impl Engine {
     }
 
     /// Fast path: a valid policy in memory, key already normalised.
-    async fn cached_fast(&self, domain: &str, now: i64) -> Option<Lookup> {
-        let entry = self.inner.cache.get(domain).await?;
-        if !entry.policy.is_valid_at(now) {
-            return None;
+    fn cached_fast(&self, domain: &str, now: i64) -> Option<Lookup> {
+        let hit =
+            self.inner
+                .cache
+                .lookup(domain, now, self.inner.opts.txt_recheck.as_secs() as i64)?;
+        if hit.recheck {
+            self.recheck_in_background(domain);
         }
-        self.maybe_recheck_in_background(domain, &entry, now);
-        Some(Lookup::cached(entry.policy.clone()))
+        Some(Lookup::cached(hit.policy))
     }
 
     /// Memory, then the persistent store; only valid policies.
     async fn cached_slow(&self, domain: &str, now: i64) -> Option<Arc<CachedPolicy>> {
-        if let Some(e) = self.inner.cache.get(domain).await
-            && e.policy.is_valid_at(now)
+        if let Some(p) = self.inner.cache.get(domain)
+            && p.is_valid_at(now)
         {
-            return Some(e.policy.clone());
+            return Some(p);
         }
         match self.inner.store.get_policy(domain).await {
             Ok(Some(p)) if p.is_valid_at(now) => {
                 let p = Arc::new(p);
-                // last_txt_check = 0: the next use re-checks the id in the background.
-                self.insert_memory(p.clone(), 0).await;
+                // Loaded after a restart (or eviction): its id is re-checked within one
+                // `txt_recheck` interval, like any other entry.
+                self.insert_memory(p.clone(), now);
                 Some(p)
             }
             Ok(_) => None,
@@ -433,19 +442,7 @@ impl Engine {
         }
     }
 
-    fn maybe_recheck_in_background(&self, domain: &str, entry: &Arc<Entry>, now: i64) {
-        let last = entry.last_txt_check.load(Ordering::Relaxed);
-        if now - last < self.inner.opts.txt_recheck.as_secs() as i64 {
-            return;
-        }
-        // One re-check per interval, whoever wins the swap.
-        if entry
-            .last_txt_check
-            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
-            .is_err()
-        {
-            return;
-        }
+    fn recheck_in_background(&self, domain: &str) {
         let this = self.clone();
         let domain = domain.to_string();
         tokio::spawn(async move {
@@ -475,25 +472,14 @@ impl Engine {
         lock.lock_owned().await
     }
 
-    async fn insert_memory(&self, p: Arc<CachedPolicy>, last_txt_check: i64) {
-        self.inner
-            .cache
-            .insert(
-                p.domain.clone(),
-                Arc::new(Entry {
-                    policy: p,
-                    last_txt_check: AtomicI64::new(last_txt_check),
-                }),
-            )
-            .await;
+    fn insert_memory(&self, p: Arc<CachedPolicy>, last_txt_check: i64) {
+        self.inner.cache.insert(p, last_txt_check);
     }
 
     /// The RFC 8461 §3.3/§5.1 discovery step, with `cached` the valid cached policy.
     async fn discover(&self, domain: &str, cached: Option<Arc<CachedPolicy>>) -> Lookup {
         let now = self.inner.clock.now();
-        if let Some(e) = self.inner.cache.get(domain).await {
-            e.last_txt_check.store(now, Ordering::Relaxed);
-        }
+        self.inner.cache.touch(domain, now);
         let keep = |record_error: Option<RecordError>, fetch_error: Option<FetchError>| Lookup {
             policy: cached.clone(),
             source: Source::Cache,
@@ -501,7 +487,7 @@ impl Engine {
             record_error,
         };
         self.inner.stats.txt_lookups.fetch_add(1, Ordering::Relaxed);
-        let txt = match self.inner.resolver.txt(&format!("_mta-sts.{domain}")).await {
+        let txt = match self.inner.dns.txt(&format!("_mta-sts.{domain}")).await {
             Ok(txt) => txt,
             Err(e) => {
                 // R8: a DNS error is "no live policy"; the cache keeps applying.
@@ -566,7 +552,7 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&fresh.domain);
         if !fresh.is_valid_at(now) {
-            self.inner.cache.invalidate(&fresh.domain).await;
+            self.inner.cache.remove(&fresh.domain);
             if let Err(e) = self.inner.store.delete_policy(&fresh.domain).await {
                 tracing::error!(domain = %fresh.domain, error = %e, "cannot update the policy store");
             }
@@ -577,7 +563,7 @@ impl Engine {
         if let Err(e) = self.inner.store.put_policy(&fresh).await {
             tracing::error!(domain = %fresh.domain, error = %e, "cannot persist the MTA-STS policy");
         }
-        self.insert_memory(fresh, now).await;
+        self.insert_memory(fresh, now);
     }
 
     fn backed_off(&self, domain: &str, id: &str, now: i64) -> Option<FetchError> {
@@ -625,6 +611,7 @@ impl Engine {
     /// policies were refreshed successfully.
     pub async fn refresh_due(&self) -> usize {
         let now = self.inner.clock.now();
+        self.inner.cache.purge_expired(now);
         let all = match self.inner.store.all_policies().await {
             Ok(all) => all,
             Err(e) => {
@@ -635,7 +622,7 @@ impl Engine {
         let mut refreshed = 0;
         for stored in all {
             if !stored.is_valid_at(now) {
-                self.inner.cache.invalidate(&stored.domain).await;
+                self.inner.cache.remove(&stored.domain);
                 if let Err(e) = self.inner.store.delete_policy(&stored.domain).await {
                     tracing::error!(domain = %stored.domain, error = %e, "cannot drop an expired policy");
                 }
@@ -658,7 +645,7 @@ impl Engine {
         let domain = stored.domain.clone();
         let _guard = self.lock_domain(&domain).await;
         // The id to file the new policy under: the live one if there is a valid record.
-        let id = match self.inner.resolver.txt(&format!("_mta-sts.{domain}")).await {
+        let id = match self.inner.dns.txt(&format!("_mta-sts.{domain}")).await {
             Ok(txt) => select_record(&txt)
                 .map(|r| r.id)
                 .unwrap_or_else(|_| stored.id.clone()),

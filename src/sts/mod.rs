@@ -2,6 +2,7 @@
 //! caching engine that answers "what policy governs this domain, and may this MX get
 //! mail?".
 
+mod cache;
 mod engine;
 mod fetch;
 mod policy;

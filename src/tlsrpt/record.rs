@@ -89,7 +89,7 @@ fn parse(txt: &str) -> Result<TlsRptRecord, TlsRptRecordError> {
         .collect();
     let mut rua = None;
     for (i, f) in fields.iter().enumerate() {
-        if f.is_empty() && i + 1 == fields.len() && i > 0 {
+        if f.is_empty() && i + 1 == fields.len() {
             continue;
         }
         let (name, value) = f
