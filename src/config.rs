@@ -299,3 +299,17 @@ mod tests {
         assert!(e.contains("c.toml") && e.contains("port"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    #[test]
+    fn config_example_toml_parses_and_matches_the_defaults() {
+        let text = include_str!("../config.example.toml");
+        let c = super::Config::from_toml(text).unwrap();
+        let d = super::Config::default();
+        assert_eq!(format!("{:?}", c.sts), format!("{:?}", d.sts));
+        assert_eq!(format!("{:?}", c.delivery), format!("{:?}", d.delivery));
+        assert_eq!(c.storage.data_dir, d.storage.data_dir);
+        assert_eq!(c.dns_timeout(), d.dns_timeout());
+    }
+}

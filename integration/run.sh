@@ -1,0 +1,268 @@
+#!/usr/bin/env bash
+# Integration suite with real peers, run by .ci/run as root:
+#   Knot DNS (authoritative for "test."), nginx (HTTPS policy hosts), Postfix and
+#   aiosmtpd (MX hosts with and without STARTTLS), each on its own 127.0.0.x address
+#   inside a network namespace made for the run; the real stsrelay binary checks them.
+# KEEP=1 keeps the work directory for inspection.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(dirname "$HERE")
+[ "$(id -u)" = 0 ] || { echo "integration: needs root (ip netns)"; exit 1; }
+
+need=()
+command -v knotd >/dev/null || need+=(knot)
+command -v nginx >/dev/null || need+=(nginx)
+command -v postfix >/dev/null || need+=(postfix)
+/usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || need+=(python3-aiosmtpd)
+command -v ip >/dev/null || need+=(iproute2)
+command -v openssl >/dev/null || need+=(openssl)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "integration: installing ${need[*]}"
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+(cd "$ROOT" && cargo build -q --bin stsrelay)
+BIN="$ROOT/target/debug/stsrelay"
+W=$(mktemp -d /tmp/stsrelay-it.XXXXXX)
+NS="stsrelay-it-$$"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  ip netns exec "$NS" postfix -c "$W/pf/etc" stop >/dev/null 2>&1 || true
+  for p in $(ip netns pids "$NS" 2>/dev/null); do kill "$p" 2>/dev/null || true; done
+  ip netns del "$NS" 2>/dev/null || true
+  if [ -n "${KEEP:-}" ]; then echo "integration: kept $W"; else rm -rf "$W"; fi
+}
+trap cleanup EXIT
+ip netns add "$NS"
+ip netns exec "$NS" ip link set lo up
+# Each peer's own address (Postfix insists that inet_interfaces are configured addresses).
+for last in 25 26 27 28 53 80; do ip netns exec "$NS" ip addr add "127.0.0.$last/32" dev lo; done
+inns() { ip netns exec "$NS" "$@"; }
+
+# Wait (bounded) until something listens on proto/addr:port inside the namespace.
+wait_listen() {
+  local proto=$1 addr=$2
+  for _ in $(seq 1 100); do
+    if inns ss -H -ln -"$proto" | awk '{print $4}' | grep -qx "$addr"; then return 0; fi
+    sleep 0.1
+  done
+  echo "integration: nothing listens on $proto $addr"; return 1
+}
+
+# --- test PKI (openssl) -------------------------------------------------------------
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+  -subj "/CN=stsrelay integration CA" -keyout "$W/ca.key" -out "$W/ca.pem" \
+  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+# leaf NAME SAN-DNS-NAME...: a certificate for NAME signed by the test CA
+leaf() {
+  local name=$1; shift
+  local san; san=$(printf 'DNS:%s,' "$@"); san=${san%,}
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -subj "/CN=$name" -keyout "$W/$name.key" -out "$W/$name.csr" 2>/dev/null
+  printf 'subjectAltName=%s\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' "$san" > "$W/$name.ext"
+  openssl x509 -req -in "$W/$name.csr" -CA "$W/ca.pem" -CAkey "$W/ca.key" -CAcreateserial \
+    -days 30 -extfile "$W/$name.ext" -out "$W/$name.pem" 2>/dev/null
+}
+leaf mta-sts.good.test mta-sts.good.test
+leaf mta-sts.bad.test mta-sts.bad.test
+leaf mta-sts.redir.test mta-sts.redir.test
+leaf mx1.good.test mx1.good.test
+leaf mx1.bad.test other.bad.test                      # wrong name
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+  -subj "/CN=mx2.bad.test" -addext "subjectAltName=DNS:mx2.bad.test" \
+  -keyout "$W/mx2.bad.test.key" -out "$W/mx2.bad.test.pem" 2>/dev/null   # self-signed
+
+# --- DNS: Knot, authoritative for test. on 127.0.0.53 --------------------------------
+mkdir -p "$W/knot"
+cat > "$W/test.zone" <<ZONE
+\$ORIGIN test.
+\$TTL 5
+@                 SOA ns.test. hostmaster.test. 1 3600 600 86400 5
+@                 NS  ns.test.
+ns                A   127.0.0.53
+_mta-sts.good     TXT "v=STSv1; id=20261128"
+_smtp._tls.good   TXT "v=TLSRPTv1; " "rua=mailto:tlsrpt@good.test"
+mta-sts.good      A   127.0.0.80
+good              MX  10 mx1.good
+mx1.good          A   127.0.0.25
+_mta-sts.bad      TXT "v=STSv1; id=1"
+mta-sts.bad       A   127.0.0.80
+bad               MX  10 mx1.bad
+bad               MX  20 mx2.bad
+bad               MX  30 mx3.bad
+mx1.bad           A   127.0.0.26
+mx2.bad           A   127.0.0.27
+mx3.bad           A   127.0.0.28
+_mta-sts.redir    TXT "v=STSv1; id=1"
+mta-sts.redir     A   127.0.0.80
+redir             MX  10 mx1.good
+ZONE
+cat > "$W/knot.conf" <<KNOT
+server:
+    listen: 127.0.0.53@53
+    rundir: "$W/knot"
+    user: root:root
+database:
+    storage: "$W/knot"
+log:
+  - target: "$W/knot.log"
+    any: info
+zone:
+  - domain: test.
+    file: "$W/test.zone"
+    storage: "$W/knot"
+    zonefile-sync: -1
+    journal-content: none
+KNOT
+inns knotd -c "$W/knot.conf" >"$W/knotd.out" 2>&1 &
+pids+=($!)
+
+# --- policy hosts: nginx on 127.0.0.80:443 ---------------------------------------------
+mkdir -p "$W/www/good/.well-known" "$W/www/bad/.well-known" "$W/nginx-tmp"
+printf 'version: STSv1\nmode: enforce\nmx: mx1.good.test\nmax_age: 86400\n' > "$W/www/good/.well-known/mta-sts.txt"
+printf 'version: STSv1\r\nmode: enforce\r\nmx: *.bad.test\r\nmax_age: 86400\r\n' > "$W/www/bad/.well-known/mta-sts.txt"
+vhost() { # name root-or-empty extra
+  cat <<VHOST
+  server {
+    listen 127.0.0.80:443 ssl;
+    server_name $1;
+    ssl_certificate $W/$1.pem;
+    ssl_certificate_key $W/$1.key;
+    $2
+  }
+VHOST
+}
+cat > "$W/nginx.conf" <<NGINX
+user root;
+worker_processes 1;
+pid $W/nginx.pid;
+error_log $W/nginx-error.log;
+events { worker_connections 64; }
+http {
+  log_format hosts '\$host \$request \$status';
+  access_log $W/nginx-access.log hosts;
+  client_body_temp_path $W/nginx-tmp/body;
+  proxy_temp_path $W/nginx-tmp/proxy;
+  fastcgi_temp_path $W/nginx-tmp/fastcgi;
+  uwsgi_temp_path $W/nginx-tmp/uwsgi;
+  scgi_temp_path $W/nginx-tmp/scgi;
+  types { }
+  default_type text/plain;
+$(vhost mta-sts.good.test "root $W/www/good;")
+$(vhost mta-sts.bad.test "root $W/www/bad;")
+$(vhost mta-sts.redir.test "return 301 https://mta-sts.good.test/.well-known/mta-sts.txt;")
+}
+NGINX
+inns nginx -c "$W/nginx.conf" -g 'daemon off;' >"$W/nginx.out" 2>&1 &
+pids+=($!)
+
+# --- MX hosts: Postfix (good, 127.0.0.25) and aiosmtpd (bad ones) -------------------
+mkdir -p "$W/pf/etc" "$W/pf/queue" "$W/pf/data"
+sed -E 's/^([a-z]+ +(inet|unix|unix-dgram|fifo|pass) +[-yn] +[-yn] +)y/\1n/' /etc/postfix/master.cf > "$W/pf/etc/master.cf"
+cat > "$W/pf/etc/main.cf" <<PF
+compatibility_level = 3.6
+queue_directory = $W/pf/queue
+data_directory = $W/pf/data
+inet_interfaces = 127.0.0.25
+inet_protocols = ipv4
+myhostname = mx1.good.test
+mydestination = good.test
+mynetworks = 127.0.0.0/8
+alias_maps =
+alias_database =
+local_recipient_maps =
+smtpd_tls_cert_file = $W/mx1.good.test.pem
+smtpd_tls_key_file = $W/mx1.good.test.key
+smtpd_tls_security_level = may
+maillog_file_prefixes = $W
+maillog_file = $W/pf/maillog
+PF
+chmod 755 "$W"
+chown root "$W/pf/queue"
+chown postfix "$W/pf/data"
+inns postfix -c "$W/pf/etc" start >"$W/pf/start.out" 2>&1 || { cat "$W/pf/start.out"; exit 1; }
+
+inns /usr/bin/python3 "$HERE/sinks.py" "$W" \
+  "127.0.0.26:mx1.bad.test:$W/mx1.bad.test.pem:$W/mx1.bad.test.key" \
+  "127.0.0.27:mx2.bad.test:$W/mx2.bad.test.pem:$W/mx2.bad.test.key" \
+  "127.0.0.28:mx3.bad.test" >"$W/sinks.out" 2>&1 &
+pids+=($!)
+
+wait_listen u 127.0.0.53:53
+wait_listen t 127.0.0.80:443
+for ip in 25 26 27 28; do wait_listen t "127.0.0.$ip:25"; done
+
+cat > "$W/stsrelay.toml" <<CFG
+[dns]
+nameservers = ["127.0.0.53:53"]
+[tls]
+extra_roots = ["$W/ca.pem"]
+[storage]
+data_dir = "$W/data"
+[delivery]
+port = 25
+helo_name = "relay.sender.test"
+[sts]
+fetch_timeout_secs = 10
+CFG
+
+# --- scenarios ----------------------------------------------------------------------
+passed=0; failed=0
+# expect NAME DOMAIN EXIT PYTHON-ASSERTIONS (over the parsed JSON `r`)
+expect() {
+  local name=$1 domain=$2 want=$3 asserts=$4 rc=0
+  inns "$BIN" --config "$W/stsrelay.toml" check --json "$domain" >"$W/$name.json" 2>"$W/$name.err" || rc=$?
+  if [ "$rc" != "$want" ]; then
+    echo "FAIL $name: exit $rc, wanted $want"; cat "$W/$name.json" "$W/$name.err"; failed=$((failed+1)); return
+  fi
+  if /usr/bin/python3 - "$W/$name.json" <<PY
+import json, sys
+r = json.load(open(sys.argv[1]))
+mx = {m["host"]: m for m in r["mx"]}
+$asserts
+PY
+  then echo "ok   $name"; passed=$((passed+1))
+  else echo "FAIL $name"; cat "$W/$name.json"; failed=$((failed+1)); fi
+}
+
+expect good_domain_passes good.test 0 '
+assert r["ok"] is True
+assert r["sts_record"] == {"ok": True, "id": "20261128", "error": None}, r["sts_record"]
+assert r["policy"]["mode"] == "enforce" and r["policy"]["mx"] == ["mx1.good.test"]
+assert r["tlsrpt_record"]["rua"] == ["mailto:tlsrpt@good.test"]
+m = mx["mx1.good.test"]
+assert m["policy_match"] is True and m["starttls"] is True, m
+assert m["tls_version"] in ("TLSv1.3", "TLSv1.2"), m
+assert m["certificate"]["ok"] is True, m
+'
+expect bad_mx_hosts_are_classified bad.test 1 '
+assert r["ok"] is False and r["policy"]["ok"] is True
+assert mx["mx1.bad.test"]["certificate"]["result_type"] == "certificate-host-mismatch", mx["mx1.bad.test"]
+assert mx["mx2.bad.test"]["certificate"]["result_type"] == "certificate-not-trusted", mx["mx2.bad.test"]
+assert mx["mx3.bad.test"]["starttls"] is False
+assert mx["mx3.bad.test"]["certificate"]["result_type"] == "starttls-not-supported"
+assert all(m["policy_match"] is True for m in mx.values())
+'
+expect redirect_is_not_followed redir.test 1 '
+assert r["policy"]["ok"] is False
+assert r["policy"]["result_type"] == "sts-policy-fetch-error", r["policy"]
+assert "301" in r["policy"]["error"]
+assert mx["mx1.good.test"]["policy_match"] is None
+'
+expect no_record_no_policy nothing.test 1 '
+assert r["sts_record"] is None and r["policy"] is None and r["tlsrpt_record"] is None
+'
+# R14: the redirect was answered once and not followed: the policy at its target
+# (mta-sts.good.test) was fetched only by good.test's own check.
+hits() { grep -c "^$1 GET /.well-known/mta-sts.txt " "$W/nginx-access.log" || true; }
+if [ "$(hits mta-sts.redir.test)" = 1 ] && [ "$(hits mta-sts.good.test)" = 1 ]; then
+  echo "ok   redirect_target_never_requested"; passed=$((passed+1))
+else
+  echo "FAIL redirect_target_never_requested"; cat "$W/nginx-access.log"; failed=$((failed+1))
+fi
+
+echo "integration: $passed passed, $failed failed"
+[ "$failed" = 0 ]
