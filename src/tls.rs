@@ -311,6 +311,9 @@ mod tests {
         let inner = rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer);
         let io = std::io::Error::new(std::io::ErrorKind::InvalidData, inner.clone());
         assert_eq!(find_rustls_error(&io), Some(&inner));
+        // As hyper-util reports it: an io::Error wrapping an io::Error wrapping rustls'.
+        let nested = std::io::Error::other(io);
+        assert_eq!(find_rustls_error(&nested), Some(&inner));
     }
 
     #[test]

@@ -305,6 +305,33 @@ async fn missing_record_and_failed_fetch_are_reported() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r41_implicit_mx_is_the_domain_itself() {
+    let mut lab = Lab::new().await;
+    lab.policy(
+        "implicit.test",
+        "1",
+        Behaviour::policy("version: STSv1\nmode: enforce\nmx: implicit.test\nmax_age: 600\n"),
+    );
+    // No MX records: only an address for the domain.
+    lab.dns.add_a("implicit.test", ip(29));
+    let leaf = lab.ca.leaf(&["implicit.test"]);
+    let sink = SmtpSink::start(
+        SocketAddr::new(IpAddr::V4(ip(29)), lab.port),
+        SinkOptions::tls("implicit.test", leaf.server_config()),
+    )
+    .await
+    .unwrap();
+    lab.sinks.push(sink);
+    let (code, v) = lab.check_json("implicit.test").await;
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(v["mx"].as_array().unwrap().len(), 1);
+    assert_eq!(v["mx"][0]["host"], "implicit.test");
+    assert_eq!(v["mx"][0]["preference"], 0);
+    assert_eq!(v["mx"][0]["policy_match"], true);
+    assert_eq!(v["mx"][0]["certificate"]["ok"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_and_config_errors_exit_2() {
     let lab = Lab::new().await;
     let (code, _, err) = lab.run(&["check"]).await;

@@ -16,4 +16,5 @@ pub use fetch::{
     FetchError, FetchOptions, FetcherSetupError, HttpsFetcher, MAX_POLICY_BYTES, PolicyFetcher,
 };
 pub use policy::{MAX_AGE_LIMIT, Mode, MxPattern, Policy, PolicyError, normalize_host};
+pub(crate) use record::is_ext_name;
 pub use record::{RecordError, StsRecord, is_sts_record, select_record};

@@ -220,7 +220,8 @@ impl Policy {
                 return Err(malformed());
             }
             let (key, value) = line.split_once(':').ok_or_else(malformed)?;
-            if !valid_key(key) {
+            // Field names: the four known ones or `sts-policy-ext-name`.
+            if !super::record::is_ext_name(key) {
                 return Err(malformed());
             }
             let value = value.trim_matches(is_wsp);
@@ -290,18 +291,6 @@ impl Policy {
         s.push_str("\r\n");
         s
     }
-}
-
-/// Field names: the four known ones or `sts-policy-ext-name`
-/// (`alphanum *31(alphanum / "_" / "-" / ".")`).
-fn valid_key(k: &str) -> bool {
-    let b = k.as_bytes();
-    !b.is_empty()
-        && b.len() <= 32
-        && b[0].is_ascii_alphanumeric()
-        && b[1..]
-            .iter()
-            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
 }
 
 #[cfg(test)]

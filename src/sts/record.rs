@@ -80,7 +80,9 @@ fn valid_id(v: &str) -> bool {
     (1..=32).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
-fn valid_ext_name(n: &str) -> bool {
+/// `sts-ext-name = (ALPHA / DIGIT) *31(ALPHA / DIGIT / "_" / "-" / ".")`, the extension
+/// name grammar shared by MTA-STS records and policies and TLS-RPT records.
+pub(crate) fn is_ext_name(n: &str) -> bool {
     let b = n.as_bytes();
     !b.is_empty()
         && b.len() <= 32
@@ -128,7 +130,7 @@ impl std::str::FromStr for StsRecord {
                     return Err(RecordError::InvalidId(value.to_string()));
                 }
                 id = Some(value.to_string());
-            } else if !valid_ext_name(name) || !valid_ext_value(value) {
+            } else if !is_ext_name(name) || !valid_ext_value(value) {
                 // Unknown fields and later duplicates are ignored (R7) but must still be
                 // well-formed extensions.
                 return Err(RecordError::MalformedField(field.to_string()));

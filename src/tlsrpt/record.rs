@@ -99,12 +99,7 @@ fn parse(txt: &str) -> Result<TlsRptRecord, TlsRptRecordError> {
             if rua.is_none() {
                 rua = Some(value);
             }
-        } else if name.is_empty()
-            || value.is_empty()
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
-        {
+        } else if value.is_empty() || !crate::sts::is_ext_name(name) {
             return Err(TlsRptRecordError::MalformedField(f.to_string()));
         }
     }
