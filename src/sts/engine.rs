@@ -374,8 +374,7 @@ impl Engine {
         }
         let domain = normalize_domain(domain)?;
         let _guard = self.lock_domain(&domain).await;
-        let cached = self.cached_slow(&domain, now).await;
-        if let Some(p) = cached.clone() {
+        if let Some(p) = self.cached_slow(&domain, now).await {
             return Ok(Lookup::cached(p));
         }
         Ok(self.discover(&domain, None).await)
