@@ -52,6 +52,10 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     /// `[sts]`
     pub sts: StsConfig,
+    /// `[server]`
+    pub server: ServerConfig,
+    /// `[queue]`
+    pub queue: QueueConfig,
     #[serde(skip)]
     source: Option<PathBuf>,
 }
@@ -149,6 +153,74 @@ impl Default for StsConfig {
     }
 }
 
+/// `[server]`: the SMTP listener that Postfix (or another client) relays through.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on (default `127.0.0.1:2525`).
+    pub listen: SocketAddr,
+    /// Networks allowed to relay (default loopback only). Everyone else gets
+    /// `554 5.7.1` at RCPT.
+    pub allow: Vec<ipnet::IpNet>,
+    /// Name in the greeting and `Received:` (default: `delivery.helo_name` or host name).
+    pub hostname: Option<String>,
+    /// Largest message accepted, bytes (SIZE; default 50 MiB).
+    pub max_message_size: usize,
+    /// Most recipients per message (default 1000).
+    pub max_recipients: usize,
+    /// Close a client that sends nothing for this long, seconds (default 300).
+    pub idle_timeout_secs: u64,
+    /// PEM certificate chain for STARTTLS (optional; with `tls_key`).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for STARTTLS.
+    pub tls_key: Option<PathBuf>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 2525)),
+            allow: vec![
+                "127.0.0.0/8".parse().expect("valid literal"),
+                "::1/128".parse().expect("valid literal"),
+            ],
+            hostname: None,
+            max_message_size: 50 * 1024 * 1024,
+            max_recipients: 1000,
+            idle_timeout_secs: 300,
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+}
+
+/// `[queue]`: retries, lifetime and concurrency.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Waits between attempts, seconds; the last repeats (default
+    /// 5m, 10m, 20m, 40m, 1h20m, then every 2h — RFC 5321 §4.5.4.1: at least 30 min
+    /// apart after the first tries, give up after 4-5 days).
+    pub retry_secs: Vec<u64>,
+    /// Bounce what is still undelivered after this long, seconds (default 5 days).
+    pub lifetime_secs: u64,
+    /// Deliveries in flight at once (default 64).
+    pub max_concurrency: usize,
+    /// Deliveries in flight per destination domain (default 8).
+    pub max_per_domain: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            retry_secs: vec![300, 600, 1200, 2400, 4800, 7200],
+            lifetime_secs: 5 * 86_400,
+            max_concurrency: 64,
+            max_per_domain: 8,
+        }
+    }
+}
+
 impl Config {
     /// Read and validate a TOML file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -217,6 +289,21 @@ impl Config {
                 "must be between 1 and 86400 (refresh at least daily)",
             );
         }
+        if self.queue.retry_secs.is_empty() || self.queue.retry_secs.contains(&0) {
+            return invalid("queue.retry_secs", "needs at least one positive interval");
+        }
+        if self.queue.max_concurrency == 0 || self.queue.max_per_domain == 0 {
+            return invalid(
+                "queue.max_concurrency",
+                "concurrency limits must be positive",
+            );
+        }
+        if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
+            return invalid("server.tls_cert", "tls_cert and tls_key go together");
+        }
+        if self.server.max_message_size == 0 || self.server.max_recipients == 0 {
+            return invalid("server.max_message_size", "limits must be positive");
+        }
         if self.delivery.port == 0 {
             return invalid("delivery.port", "must not be 0");
         }
@@ -235,6 +322,23 @@ impl Config {
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "localhost".to_string())
         })
+    }
+
+    /// The server's name: `server.hostname` or the EHLO name.
+    pub fn server_hostname(&self) -> String {
+        self.server
+            .hostname
+            .clone()
+            .unwrap_or_else(|| self.helo_name())
+    }
+
+    /// Is `ip` allowed to relay (`server.allow`)?
+    pub fn relay_allowed(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.server.allow.iter().any(|n| n.contains(&ip))
     }
 
     /// DNS per-query timeout.
@@ -280,6 +384,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("nameservers"), "{e}");
+    }
+
+    #[test]
+    fn relay_allow_list() {
+        let c = Config::default();
+        assert!(c.relay_allowed("127.0.0.1".parse().unwrap()));
+        assert!(c.relay_allowed("::1".parse().unwrap()));
+        assert!(c.relay_allowed("::ffff:127.0.0.9".parse().unwrap()));
+        assert!(!c.relay_allowed("192.0.2.7".parse().unwrap()));
+        let c = Config::from_toml("[server]\nallow = [\"192.0.2.0/24\"]\n").unwrap();
+        assert!(c.relay_allowed("192.0.2.7".parse().unwrap()));
+        assert!(!c.relay_allowed("127.0.0.1".parse().unwrap()));
+        assert!(Config::from_toml("[server]\nallow = [\"not-a-net\"]\n").is_err());
     }
 
     #[test]

@@ -24,7 +24,10 @@
 pub mod check;
 pub mod clock;
 pub mod config;
+pub mod delivery;
 pub mod dns;
+pub mod queue;
+pub mod relay;
 pub mod smtp;
 pub mod store;
 pub mod sts;

@@ -1,1 +1,6 @@
+//! SMTP: the client side used to reach MX hosts, and the server side that accepts mail.
+
+pub mod inbound;
 pub mod outbound;
+
+pub use inbound::rfc5322_date;

@@ -137,6 +137,11 @@ impl Client<TcpStream> {
         Ok((c, greeting))
     }
 
+    /// Our address on this connection.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.io.get_ref().local_addr().ok()
+    }
+
     /// Send STARTTLS and perform the handshake with SNI = `server_name`. With
     /// `config` strict, a certificate invalid for the name fails the handshake.
     pub async fn starttls(
@@ -235,10 +240,46 @@ impl<S: Stream> Client<S> {
         Ok(r)
     }
 
+    /// Send the message after a `354` to DATA: lines end in CRLF, lines starting with
+    /// `.` are dot-stuffed (RFC 5321 §4.5.2), then `CRLF.CRLF`; returns the final reply.
+    pub async fn send_data(&mut self, body: &[u8]) -> Result<Reply, SmtpError> {
+        let stuffed = dot_stuff(body);
+        tokio::time::timeout(self.timeout, async {
+            for chunk in stuffed.chunks(64 * 1024) {
+                self.io.get_mut().write_all(chunk).await?;
+            }
+            self.io.get_mut().write_all(b".\r\n").await?;
+            self.io.get_mut().flush().await?;
+            Ok::<_, SmtpError>(())
+        })
+        .await
+        .map_err(|_| SmtpError::Timeout)??;
+        self.read_reply().await
+    }
+
     /// QUIT, ignoring the answer.
     pub async fn quit(mut self) {
         let _ = self.command("QUIT").await;
     }
+}
+
+/// CRLF line ends and dot-stuffing for DATA; the result ends with CRLF.
+pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 2);
+    let body = body.strip_suffix(b"\n").unwrap_or(body);
+    let body = body.strip_suffix(b"\r").unwrap_or(body);
+    if body.is_empty() {
+        return out;
+    }
+    for line in body.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.first() == Some(&b'.') {
+            out.push(b'.');
+        }
+        out.extend_from_slice(line);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
 }
 
 async fn read_reply<R: AsyncBufReadExt + Unpin>(r: &mut R) -> Result<Reply, SmtpError> {
@@ -336,6 +377,14 @@ pub async fn probe(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dot_stuffing_and_line_ends() {
+        assert_eq!(dot_stuff(b"a\r\n.b\r\n..c\r\n"), b"a\r\n..b\r\n...c\r\n");
+        assert_eq!(dot_stuff(b"bare\nlf"), b"bare\r\nlf\r\n");
+        assert_eq!(dot_stuff(b"."), b"..\r\n");
+        assert_eq!(dot_stuff(b""), b"");
+    }
 
     #[tokio::test]
     async fn multiline_replies_parse() {

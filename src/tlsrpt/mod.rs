@@ -1,8 +1,10 @@
-//! TLS-RPT (RFC 8460). So far: the result types every other part classifies into, and
-//! the `_smtp._tls` record.
+//! TLS-RPT (RFC 8460). So far: the result types every other part classifies into, the
+//! `_smtp._tls` record, and the per-session results delivery records.
 
 mod record;
 mod result_type;
+mod session;
 
 pub use record::{Rua, TlsRptRecord, TlsRptRecordError, select_tlsrpt_record};
 pub use result_type::{ResultType, UnknownResultType};
+pub use session::{LogRecorder, PolicyType, SessionFailure, SessionRecorder, SessionResult};

@@ -1,0 +1,561 @@
+//! One delivery attempt: the recipients of one message at one domain. Resolve the MX
+//! hosts, decide each under the domain's MTA-STS policy, connect, secure, transmit,
+//! record the session's TLS outcome (RFC 8461 §5, RFC 5321 §5.1).
+
+use crate::dns::{MxAnswer, Resolver};
+use crate::smtp::outbound::{Client, Reply, SmtpError, Stream};
+use crate::sts::{Engine, Lookup, Mode, MxDecision};
+use crate::tls::{TlsFailure, TrustStore};
+use crate::tlsrpt::{PolicyType, ResultType, SessionFailure, SessionRecorder, SessionResult};
+use std::hash::{BuildHasher, RandomState};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One recipient of a transaction.
+#[derive(Debug, Clone)]
+pub struct Rcpt {
+    /// The address.
+    pub address: String,
+    /// `NOTIFY=` value to pass on (only when the client gave one).
+    pub notify: Option<String>,
+    /// `ORCPT=` value to pass on, already xtext-encoded (`rfc822;…`).
+    pub orcpt: Option<String>,
+}
+
+/// What to send in one SMTP transaction.
+#[derive(Debug, Clone)]
+pub struct Transaction {
+    /// Reverse-path ("" for the null sender).
+    pub mail_from: String,
+    /// Recipients, all at one domain.
+    pub recipients: Vec<Rcpt>,
+    /// The message, CRLF line ends, not dot-stuffed.
+    pub body: Arc<Vec<u8>>,
+    /// The body has 8-bit content (`BODY=8BITMIME`).
+    pub eight_bit: bool,
+    /// Needs `SMTPUTF8`.
+    pub smtputf8: bool,
+    /// `RET=` to pass on.
+    pub ret: Option<String>,
+    /// `ENVID=` to pass on (xtext-encoded).
+    pub envid: Option<String>,
+}
+
+/// The result for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptResult {
+    /// Accepted by an MX.
+    Delivered {
+        /// MX host and reply.
+        reply: String,
+    },
+    /// Try again later.
+    Deferred {
+        /// Why (with enhanced status code).
+        reason: String,
+    },
+    /// Permanent failure.
+    Bounced {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The outcome of one attempt.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// One result per recipient, in order.
+    pub results: Vec<RcptResult>,
+    /// Delivery was held back by the MTA-STS policy (every candidate failed its checks).
+    pub policy_blocked: bool,
+    /// The policy mode that applied, for logs.
+    pub mode: Option<Mode>,
+}
+
+/// Delivers transactions. Cheap to share behind an `Arc`.
+pub struct Deliverer {
+    engine: Engine,
+    dns: Resolver,
+    trust: TrustStore,
+    recorder: Arc<dyn SessionRecorder>,
+    port: u16,
+    helo: String,
+    connect_timeout: Duration,
+    timeout: Duration,
+}
+
+/// How a session with one MX address ended.
+enum SessionEnd {
+    /// The transaction ran: per-recipient results.
+    Done(Vec<RcptResult>),
+    /// Try the next address or MX; `policy` when the policy's checks failed.
+    Next { reason: String, policy: bool },
+}
+
+impl Deliverer {
+    /// From the config's `[delivery]` section, with the relay's engine, resolver,
+    /// trust store and session recorder.
+    pub fn new(
+        cfg: &crate::Config,
+        engine: Engine,
+        dns: Resolver,
+        trust: TrustStore,
+        recorder: Arc<dyn SessionRecorder>,
+    ) -> Deliverer {
+        Deliverer {
+            engine,
+            dns,
+            trust,
+            recorder,
+            port: cfg.delivery.port,
+            helo: cfg.helo_name(),
+            connect_timeout: Duration::from_secs(cfg.delivery.connect_timeout_secs),
+            timeout: Duration::from_secs(cfg.delivery.command_timeout_secs),
+        }
+    }
+
+    /// The policy engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Deliver `tx` to `domain`: MX hosts in preference order (equal preferences in
+    /// random order), each address in turn, until one takes the transaction.
+    pub async fn attempt(&self, domain: &str, tx: &Transaction) -> Attempt {
+        let all = |r: RcptResult| vec![r; tx.recipients.len()];
+        let hosts = match self.dns.mx(domain).await {
+            Ok(MxAnswer::Hosts(h)) => {
+                shuffle_equal_preferences(h.into_iter().map(|m| (m.preference, m.host)).collect())
+            }
+            Ok(MxAnswer::Implicit) => vec![domain.to_string()],
+            Ok(MxAnswer::Null) => {
+                return self.finished(all(RcptResult::Bounced {
+                    reason: format!("556 5.1.10 {domain} accepts no mail (null MX)"),
+                }));
+            }
+            Ok(MxAnswer::NxDomain) => {
+                return self.finished(all(RcptResult::Bounced {
+                    reason: format!("550 5.1.2 domain {domain} does not exist"),
+                }));
+            }
+            Err(e) => {
+                return self.finished(all(RcptResult::Deferred {
+                    reason: format!("451 4.4.3 {e}"),
+                }));
+            }
+        };
+        let lookup = match self.engine.policy(domain).await {
+            Ok(l) => l,
+            Err(e) => {
+                return self.finished(all(RcptResult::Bounced {
+                    reason: format!("550 5.1.2 {e}"),
+                }));
+            }
+        };
+        let mut last = format!("451 4.4.1 no MX host of {domain} could be reached");
+        let mut policy_blocked = false;
+        for host in &hosts {
+            let decision = lookup.check_mx(host);
+            if !decision.may_deliver() {
+                // R42: not even a connection to an MX outside an enforce policy.
+                self.record(
+                    domain,
+                    &lookup,
+                    host,
+                    None,
+                    None,
+                    None,
+                    Some(fail(ResultType::ValidationFailure, "mx-not-in-policy")),
+                );
+                tracing::warn!(%domain, mx = %host, "MX not in the MTA-STS policy: skipped");
+                last = format!(
+                    "451 4.7.5 MX {host} is not permitted by the MTA-STS policy of {domain} (allowed: {})",
+                    patterns(&lookup).join(", ")
+                );
+                policy_blocked = true;
+                continue;
+            }
+            let ips = match self.dns.ips(host).await {
+                Ok(ips) if !ips.is_empty() => ips,
+                Ok(_) => {
+                    last = format!("451 4.4.4 MX {host} has no address");
+                    continue;
+                }
+                Err(e) => {
+                    last = format!("451 4.4.3 {e}");
+                    continue;
+                }
+            };
+            for ip in ips {
+                match self.session(domain, host, ip, decision, &lookup, tx).await {
+                    SessionEnd::Done(results) => {
+                        return Attempt {
+                            results,
+                            policy_blocked: false,
+                            mode: lookup.mode(),
+                        };
+                    }
+                    SessionEnd::Next { reason, policy } => {
+                        tracing::info!(%domain, mx = %host, %ip, mode = ?lookup.mode(), %reason, "delivery attempt failed");
+                        last = reason;
+                        policy_blocked |= policy;
+                    }
+                }
+            }
+        }
+        Attempt {
+            results: all(RcptResult::Deferred { reason: last }),
+            policy_blocked,
+            mode: lookup.mode(),
+        }
+    }
+
+    fn finished(&self, results: Vec<RcptResult>) -> Attempt {
+        Attempt {
+            results,
+            policy_blocked: false,
+            mode: None,
+        }
+    }
+
+    async fn session(
+        &self,
+        domain: &str,
+        host: &str,
+        ip: IpAddr,
+        decision: MxDecision,
+        lookup: &Lookup,
+        tx: &Transaction,
+    ) -> SessionEnd {
+        let addr = SocketAddr::new(ip, self.port);
+        let next = |reason: String| SessionEnd::Next {
+            reason,
+            policy: false,
+        };
+        let (mut c, greeting) =
+            match Client::connect(addr, self.connect_timeout, self.timeout).await {
+                Ok(x) => x,
+                Err(e) => return next(format!("451 4.4.1 {host}[{ip}]: {e}")),
+            };
+        let sending_ip = c.local_addr().map(|a| a.ip());
+        let mx_helo = greeting
+            .lines
+            .first()
+            .and_then(|l| l.split_whitespace().next())
+            .map(str::to_string);
+        let ehlo = match c.ehlo(&self.helo).await {
+            Ok(r) => r,
+            Err(e) => return next(format!("451 4.4.2 {host}[{ip}] EHLO: {e}")),
+        };
+        let record = |failure: Option<SessionFailure>| {
+            self.record(
+                domain,
+                lookup,
+                host,
+                Some(ip),
+                mx_helo.clone(),
+                sending_ip,
+                failure,
+            )
+        };
+        if !ehlo.has_extension("STARTTLS") {
+            if decision.requires_verified_tls() {
+                record(Some(fail(
+                    ResultType::StarttlsNotSupported,
+                    "starttls-not-offered",
+                )));
+                c.quit().await;
+                return SessionEnd::Next {
+                    reason: format!(
+                        "451 4.7.4 TLS is required by the MTA-STS policy of {domain}, but {host}[{ip}] does not offer STARTTLS"
+                    ),
+                    policy: true,
+                };
+            }
+            if lookup.mode() == Some(Mode::Testing) {
+                record(Some(fail(
+                    ResultType::StarttlsNotSupported,
+                    "starttls-not-offered",
+                )));
+            }
+            return self.transact(c, &ehlo, host, ip, tx).await;
+        }
+        let strict = decision.requires_verified_tls();
+        let config = if strict {
+            self.trust.strict_config()
+        } else {
+            self.trust.opportunistic_config()
+        };
+        match c.starttls(config, host).await {
+            Ok((mut tls, info)) => {
+                let failure = match decision {
+                    MxDecision::NotInPolicy(_) => {
+                        Some(fail(ResultType::ValidationFailure, "mx-not-in-policy"))
+                    }
+                    MxDecision::Allowed(Mode::Testing) => self
+                        .trust
+                        .verify(&info.chain, host)
+                        .err()
+                        .map(|f| tls_fail(&f)),
+                    _ => None, // enforce: verified in the handshake; no policy: nothing to validate
+                };
+                record(failure);
+                let ehlo = match tls.ehlo(&self.helo).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return next(format!("451 4.4.2 {host}[{ip}] EHLO after STARTTLS: {e}"));
+                    }
+                };
+                self.transact(tls, &ehlo, host, ip, tx).await
+            }
+            Err(SmtpError::Tls(f)) => {
+                if lookup.mode().is_some() {
+                    record(Some(tls_fail(&f)));
+                }
+                if strict {
+                    return SessionEnd::Next {
+                        reason: format!(
+                            "451 4.7.5 TLS with {host}[{ip}] failed under the MTA-STS policy of {domain}: {f}"
+                        ),
+                        policy: true,
+                    };
+                }
+                // Opportunistic: the handshake itself failed; deliver in plaintext (RFC 8461 §5 testing, no policy).
+                self.plaintext_retry(addr, host, ip, tx).await
+            }
+            Err(e) => next(format!("451 4.4.2 {host}[{ip}] STARTTLS: {e}")),
+        }
+    }
+
+    async fn plaintext_retry(
+        &self,
+        addr: SocketAddr,
+        host: &str,
+        ip: IpAddr,
+        tx: &Transaction,
+    ) -> SessionEnd {
+        let (mut c, _) = match Client::connect(addr, self.connect_timeout, self.timeout).await {
+            Ok(x) => x,
+            Err(e) => {
+                return SessionEnd::Next {
+                    reason: format!("451 4.4.1 {host}[{ip}]: {e}"),
+                    policy: false,
+                };
+            }
+        };
+        match c.ehlo(&self.helo).await {
+            Ok(ehlo) => self.transact(c, &ehlo, host, ip, tx).await,
+            Err(e) => SessionEnd::Next {
+                reason: format!("451 4.4.2 {host}[{ip}] EHLO: {e}"),
+                policy: false,
+            },
+        }
+    }
+
+    /// MAIL, RCPT…, DATA on an established (and, where required, verified) session.
+    async fn transact<S: Stream>(
+        &self,
+        mut c: Client<S>,
+        ehlo: &Reply,
+        host: &str,
+        ip: IpAddr,
+        tx: &Transaction,
+    ) -> SessionEnd {
+        let said = |r: &Reply| format!("{host}[{ip}] said: {}", r.text());
+        if tx.smtputf8 && !ehlo.has_extension("SMTPUTF8") {
+            c.quit().await;
+            return SessionEnd::Done(vec![
+                RcptResult::Bounced {
+                    reason: format!("550 5.6.7 {host} does not support SMTPUTF8")
+                };
+                tx.recipients.len()
+            ]);
+        }
+        let dsn = ehlo.has_extension("DSN");
+        let mut mail = format!("MAIL FROM:<{}>", tx.mail_from);
+        if ehlo.has_extension("SIZE") {
+            mail.push_str(&format!(" SIZE={}", tx.body.len()));
+        }
+        if tx.eight_bit && ehlo.has_extension("8BITMIME") {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        if tx.smtputf8 {
+            mail.push_str(" SMTPUTF8");
+        }
+        if dsn {
+            if let Some(ret) = &tx.ret {
+                mail.push_str(&format!(" RET={ret}"));
+            }
+            if let Some(envid) = &tx.envid {
+                mail.push_str(&format!(" ENVID={envid}"));
+            }
+        }
+        let r = match c.command(&mail).await {
+            Ok(r) => r,
+            Err(e) => {
+                return SessionEnd::Next {
+                    reason: format!("451 4.4.2 {host}[{ip}] MAIL: {e}"),
+                    policy: false,
+                };
+            }
+        };
+        if !r.is_positive() {
+            c.quit().await;
+            return classify_all(&r, said(&r), tx.recipients.len());
+        }
+        let mut results: Vec<Option<RcptResult>> = vec![None; tx.recipients.len()];
+        let mut accepted = Vec::new();
+        for (i, rcpt) in tx.recipients.iter().enumerate() {
+            let mut cmd = format!("RCPT TO:<{}>", rcpt.address);
+            if dsn {
+                if let Some(n) = &rcpt.notify {
+                    cmd.push_str(&format!(" NOTIFY={n}"));
+                }
+                if let Some(o) = &rcpt.orcpt {
+                    cmd.push_str(&format!(" ORCPT={o}"));
+                }
+            }
+            match c.command(&cmd).await {
+                Ok(r) if r.is_positive() => accepted.push(i),
+                Ok(r) if r.code >= 500 => {
+                    results[i] = Some(RcptResult::Bounced { reason: said(&r) })
+                }
+                Ok(r) => results[i] = Some(RcptResult::Deferred { reason: said(&r) }),
+                Err(e) => {
+                    return SessionEnd::Next {
+                        reason: format!("451 4.4.2 {host}[{ip}] RCPT: {e}"),
+                        policy: false,
+                    };
+                }
+            }
+        }
+        if !accepted.is_empty() {
+            let outcome = match c.command("DATA").await {
+                Ok(r) if r.code == 354 => match c.send_data(&tx.body).await {
+                    Ok(r) if r.is_positive() => RcptResult::Delivered { reply: said(&r) },
+                    Ok(r) if r.code >= 500 => RcptResult::Bounced { reason: said(&r) },
+                    Ok(r) => RcptResult::Deferred { reason: said(&r) },
+                    // The message may or may not have arrived: defer (a delivery may repeat, never vanish).
+                    Err(e) => RcptResult::Deferred {
+                        reason: format!("451 4.4.2 {host}[{ip}] lost during DATA: {e}"),
+                    },
+                },
+                Ok(r) if r.code >= 500 => RcptResult::Bounced { reason: said(&r) },
+                Ok(r) => RcptResult::Deferred { reason: said(&r) },
+                Err(e) => RcptResult::Deferred {
+                    reason: format!("451 4.4.2 {host}[{ip}] DATA: {e}"),
+                },
+            };
+            for i in accepted {
+                results[i] = Some(outcome.clone());
+            }
+        }
+        c.quit().await;
+        SessionEnd::Done(
+            results
+                .into_iter()
+                .map(|r| {
+                    r.unwrap_or(RcptResult::Deferred {
+                        reason: "451 4.3.0 internal: no result".into(),
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        domain: &str,
+        lookup: &Lookup,
+        host: &str,
+        ip: Option<IpAddr>,
+        helo: Option<String>,
+        sending_ip: Option<IpAddr>,
+        failure: Option<SessionFailure>,
+    ) {
+        let (policy_type, policy_strings, mx_host_patterns) = match (&lookup.policy, lookup.mode())
+        {
+            (Some(p), Some(_)) => (PolicyType::Sts, p.policy.lines.clone(), patterns(lookup)),
+            _ => (PolicyType::NoPolicyFound, vec![], vec![]),
+        };
+        self.recorder.record(SessionResult {
+            at: crate::clock::Clock::now(&crate::clock::SystemClock),
+            policy_domain: domain.to_string(),
+            policy_type,
+            policy_strings,
+            mx_host_patterns,
+            receiving_mx_hostname: host.to_string(),
+            receiving_ip: ip,
+            receiving_mx_helo: helo,
+            sending_ip,
+            failure,
+        });
+    }
+}
+
+fn fail(result_type: ResultType, code: &str) -> SessionFailure {
+    SessionFailure {
+        result_type,
+        reason_code: code.to_string(),
+    }
+}
+
+fn tls_fail(f: &TlsFailure) -> SessionFailure {
+    fail(f.result_type, f.reason_code)
+}
+
+fn patterns(lookup: &Lookup) -> Vec<String> {
+    lookup
+        .policy
+        .as_ref()
+        .map(|p| p.policy.mx.iter().map(|m| m.to_string()).collect())
+        .unwrap_or_default()
+}
+
+fn classify_all(r: &Reply, text: String, n: usize) -> SessionEnd {
+    if r.code >= 500 {
+        SessionEnd::Done(vec![RcptResult::Bounced { reason: text }; n])
+    } else {
+        SessionEnd::Next {
+            reason: text,
+            policy: false,
+        }
+    }
+}
+
+/// RFC 5321 §5.1: MX hosts of equal preference in random order; input sorted by
+/// preference.
+fn shuffle_equal_preferences(mut hosts: Vec<(u16, String)>) -> Vec<String> {
+    let seed = RandomState::new();
+    hosts.sort_by_key(|(pref, host)| (*pref, seed.hash_one(host)));
+    hosts.into_iter().map(|(_, h)| h).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equal_preferences_are_shuffled_but_order_kept() {
+        let hosts = vec![
+            (10, "a".to_string()),
+            (10, "b".to_string()),
+            (20, "c".to_string()),
+            (5, "z".to_string()),
+        ];
+        let mut seen_first = std::collections::HashSet::new();
+        for _ in 0..64 {
+            let order = shuffle_equal_preferences(hosts.clone());
+            assert_eq!(order[0], "z");
+            assert_eq!(order[3], "c");
+            seen_first.insert(order[1].clone());
+        }
+        assert_eq!(
+            seen_first.len(),
+            2,
+            "both equal-preference hosts come first sometimes"
+        );
+    }
+}
