@@ -21,6 +21,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the relay: accept mail on `server.listen`, spool it, deliver it under the
+    /// recipients' MTA-STS policies.
+    Run,
+    /// Inspect or act on the queue of a relay using the same `storage.data_dir`.
+    Queue {
+        #[command(subcommand)]
+        action: QueueAction,
+    },
     /// Check a domain's MTA-STS and TLS-RPT set-up from the sender's side.
     /// Exit status: 0 all checks pass, 1 a check failed, 2 usage or config error.
     Check {
@@ -31,6 +39,33 @@ enum Command {
         json: bool,
     },
 }
+
+#[derive(Subcommand)]
+enum QueueAction {
+    /// Every message: queue id, sender, each recipient with its state, attempts and last reason.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One message in full (JSON).
+    Show {
+        /// Queue id.
+        id: String,
+    },
+    /// Make every deferred recipient due now; a running relay retries within a second.
+    Flush,
+    /// Remove a message and its body.
+    Delete {
+        /// Queue id.
+        id: String,
+    },
+}
+
+/// sysexits: configuration error.
+const EX_CONFIG: u8 = 78;
+/// sysexits: temporary failure.
+const EX_TEMPFAIL: u8 = 75;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -49,7 +84,11 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("stsrelay: {e}");
-            return ExitCode::from(2);
+            // `check` promises 2 for usage and config errors; the daemon uses sysexits.
+            return ExitCode::from(match cli.command {
+                Command::Check { .. } => 2,
+                _ => EX_CONFIG,
+            });
         }
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -64,7 +103,127 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Check { domain, json } => rt.block_on(check(&cfg, &domain, json)),
+        Command::Run => rt.block_on(run(cfg)),
+        Command::Queue { action } => queue(&cfg, action),
     }
+}
+
+async fn run(cfg: Config) -> ExitCode {
+    tokio::select! {
+        r = stsrelay::relay::run(cfg) => match r {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("stsrelay: {e}");
+                ExitCode::from(if e.is_config() { EX_CONFIG } else { EX_TEMPFAIL })
+            }
+        },
+        _ = shutdown_signal() => {
+            tracing::info!("stopping");
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn queue(cfg: &Config, action: QueueAction) -> ExitCode {
+    use stsrelay::queue::spool::{QueueId, Spool};
+    let spool = match Spool::open(&cfg.storage.data_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("stsrelay: {e}");
+            return ExitCode::from(EX_TEMPFAIL);
+        }
+    };
+    let parse = |id: &str| {
+        id.parse::<QueueId>().map_err(|e| {
+            eprintln!("stsrelay: {e}");
+            ExitCode::from(2)
+        })
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let result = match action {
+        QueueAction::List { json } => spool.list().map(|msgs| {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&msgs).unwrap_or_default()
+                );
+            } else {
+                for m in &msgs {
+                    println!(
+                        "{}  <{}>{}",
+                        m.id,
+                        m.envelope.mail_from,
+                        if m.corrupt { "  CORRUPT" } else { "" }
+                    );
+                    for r in &m.recipients {
+                        println!(
+                            "    {:<9} attempts={} {}{}",
+                            r.state.as_str(),
+                            r.attempts,
+                            r.address,
+                            r.last_reason
+                                .as_deref()
+                                .map(|x| format!("  ({x})"))
+                                .unwrap_or_default()
+                        );
+                    }
+                }
+                println!("{} message(s)", msgs.len());
+            }
+            ExitCode::SUCCESS
+        }),
+        QueueAction::Show { id } => match parse(&id) {
+            Ok(id) => spool.get(&id).map(|m| match m {
+                Some(m) => {
+                    println!("{}", serde_json::to_string_pretty(&m).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                None => {
+                    eprintln!("stsrelay: no message {id}");
+                    ExitCode::from(1)
+                }
+            }),
+            Err(code) => return code,
+        },
+        QueueAction::Flush => spool.flush_all(now).map(|n| {
+            println!("{n} recipient(s) due now");
+            ExitCode::SUCCESS
+        }),
+        QueueAction::Delete { id } => match parse(&id) {
+            Ok(id) => spool.delete(&id).map(|found| {
+                if found {
+                    println!("deleted {id}");
+                    ExitCode::SUCCESS
+                } else {
+                    eprintln!("stsrelay: no message {id}");
+                    ExitCode::from(1)
+                }
+            }),
+            Err(code) => return code,
+        },
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("stsrelay: {e}");
+        ExitCode::from(EX_TEMPFAIL)
+    })
 }
 
 async fn check(cfg: &Config, domain: &str, json: bool) -> ExitCode {
