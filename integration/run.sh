@@ -31,6 +31,7 @@ pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   ip netns exec "$NS" postfix -c "$W/pf/etc" stop >/dev/null 2>&1 || true
+  ip netns exec "$NS" postfix -c "$W/pf2/etc" stop >/dev/null 2>&1 || true
   for p in $(ip netns pids "$NS" 2>/dev/null); do kill "$p" 2>/dev/null || true; done
   ip netns del "$NS" 2>/dev/null || true
   if [ -n "${KEEP:-}" ]; then echo "integration: kept $W"; else rm -rf "$W"; fi
@@ -39,7 +40,7 @@ trap cleanup EXIT
 ip netns add "$NS"
 ip netns exec "$NS" ip link set lo up
 # Each peer's own address (Postfix insists that inet_interfaces are configured addresses).
-for last in 25 26 27 28 53 80; do ip netns exec "$NS" ip addr add "127.0.0.$last/32" dev lo; done
+for last in 25 26 27 28 30 53 80; do ip netns exec "$NS" ip addr add "127.0.0.$last/32" dev lo; done
 inns() { ip netns exec "$NS" "$@"; }
 
 # Wait (bounded) until something listens on proto/addr:port inside the namespace.
@@ -69,6 +70,7 @@ leaf() {
 leaf mta-sts.good.test mta-sts.good.test
 leaf mta-sts.bad.test mta-sts.bad.test
 leaf mta-sts.redir.test mta-sts.redir.test
+leaf mta-sts.testing.test mta-sts.testing.test
 leaf mx1.good.test mx1.good.test
 leaf mx1.bad.test other.bad.test                      # wrong name
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
@@ -99,6 +101,13 @@ mx3.bad           A   127.0.0.28
 _mta-sts.redir    TXT "v=STSv1; id=1"
 mta-sts.redir     A   127.0.0.80
 redir             MX  10 mx1.good
+_mta-sts.testing  TXT "v=STSv1; id=1"
+mta-sts.testing   A   127.0.0.80
+testing           MX  10 mx2.bad
+nopolicy          MX  10 mx3.bad
+reject            MX  10 mx3.bad
+client            MX  10 mx.client
+mx.client         A   127.0.0.30
 ZONE
 cat > "$W/knot.conf" <<KNOT
 server:
@@ -121,7 +130,8 @@ inns knotd -c "$W/knot.conf" >"$W/knotd.out" 2>&1 &
 pids+=($!)
 
 # --- policy hosts: nginx on 127.0.0.80:443 ---------------------------------------------
-mkdir -p "$W/www/good/.well-known" "$W/www/bad/.well-known" "$W/nginx-tmp"
+mkdir -p "$W/www/good/.well-known" "$W/www/bad/.well-known" "$W/www/testing/.well-known" "$W/nginx-tmp"
+printf 'version: STSv1\nmode: testing\nmx: *.bad.test\nmax_age: 86400\n' > "$W/www/testing/.well-known/mta-sts.txt"
 printf 'version: STSv1\nmode: enforce\nmx: mx1.good.test\nmax_age: 86400\n' > "$W/www/good/.well-known/mta-sts.txt"
 printf 'version: STSv1\r\nmode: enforce\r\nmx: *.bad.test\r\nmax_age: 86400\r\n' > "$W/www/bad/.well-known/mta-sts.txt"
 vhost() { # name root-or-empty extra
@@ -153,6 +163,7 @@ http {
   default_type text/plain;
 $(vhost mta-sts.good.test "root $W/www/good;")
 $(vhost mta-sts.bad.test "root $W/www/bad;")
+$(vhost mta-sts.testing.test "root $W/www/testing;")
 $(vhost mta-sts.redir.test "return 301 https://mta-sts.good.test/.well-known/mta-sts.txt;")
 }
 NGINX
@@ -169,8 +180,13 @@ data_directory = $W/pf/data
 inet_interfaces = 127.0.0.25
 inet_protocols = ipv4
 myhostname = mx1.good.test
-mydestination = good.test
+mydestination =
 mynetworks = 127.0.0.0/8
+virtual_mailbox_domains = good.test
+virtual_mailbox_base = $W/mail
+virtual_mailbox_maps = static:good.test/
+virtual_uid_maps = static:65534
+virtual_gid_maps = static:65534
 alias_maps =
 alias_database =
 local_recipient_maps =
@@ -181,9 +197,40 @@ maillog_file_prefixes = $W
 maillog_file = $W/pf/maillog
 PF
 chmod 755 "$W"
+mkdir -p "$W/mail"
+chown 65534:65534 "$W/mail"
 chown root "$W/pf/queue"
 chown postfix "$W/pf/data"
 inns postfix -c "$W/pf/etc" start >"$W/pf/start.out" 2>&1 || { cat "$W/pf/start.out"; exit 1; }
+
+# --- the sending Postfix (127.0.0.30): relayhost = stsrelay; also the MX of client.test,
+# so bounces come home to it -----------------------------------------------------------
+mkdir -p "$W/pf2/etc" "$W/pf2/queue" "$W/pf2/data"
+cp "$W/pf/etc/master.cf" "$W/pf2/etc/master.cf"
+cat > "$W/pf2/etc/main.cf" <<PF
+compatibility_level = 3.6
+queue_directory = $W/pf2/queue
+data_directory = $W/pf2/data
+inet_interfaces = 127.0.0.30
+inet_protocols = ipv4
+myhostname = client.test
+myorigin = client.test
+mydestination =
+mynetworks = 127.0.0.0/8
+relayhost = [127.0.0.1]:2525
+virtual_mailbox_domains = client.test
+virtual_mailbox_base = $W/mail
+virtual_mailbox_maps = static:client.test/
+virtual_uid_maps = static:65534
+virtual_gid_maps = static:65534
+alias_maps =
+alias_database =
+maillog_file_prefixes = $W
+maillog_file = $W/pf2/maillog
+PF
+chown root "$W/pf2/queue"
+chown postfix "$W/pf2/data"
+inns postfix -c "$W/pf2/etc" start >"$W/pf2/start.out" 2>&1 || { cat "$W/pf2/start.out"; exit 1; }
 
 inns /usr/bin/python3 "$HERE/sinks.py" "$W" \
   "127.0.0.26:mx1.bad.test:$W/mx1.bad.test.pem:$W/mx1.bad.test.key" \
@@ -193,7 +240,7 @@ pids+=($!)
 
 wait_listen u 127.0.0.53:53
 wait_listen t 127.0.0.80:443
-for ip in 25 26 27 28; do wait_listen t "127.0.0.$ip:25"; done
+for ip in 25 26 27 28 30; do wait_listen t "127.0.0.$ip:25"; done
 
 cat > "$W/stsrelay.toml" <<CFG
 [dns]
@@ -208,6 +255,17 @@ helo_name = "relay.sender.test"
 [sts]
 fetch_timeout_secs = 10
 CFG
+cp "$W/stsrelay.toml" "$W/relay.toml"
+cat >> "$W/relay.toml" <<CFG
+[server]
+listen = "127.0.0.1:2525"
+hostname = "relay.sender.test"
+[queue]
+retry_secs = [2]
+CFG
+RUST_LOG=stsrelay=debug inns "$BIN" --config "$W/relay.toml" run >"$W/relay.log" 2>&1 &
+pids+=($!)
+wait_listen t 127.0.0.1:2525
 
 # --- scenarios ----------------------------------------------------------------------
 passed=0; failed=0
@@ -263,6 +321,42 @@ if [ "$(hits mta-sts.redir.test)" = 1 ] && [ "$(hits mta-sts.good.test)" = 1 ]; 
 else
   echo "FAIL redirect_target_never_requested"; cat "$W/nginx-access.log"; failed=$((failed+1))
 fi
+
+# --- the relay, with real Postfix as its client -----------------------------------------
+inns /usr/bin/python3 - <<'PY'
+import smtplib
+msg = "From: alice@client.test\r\nSubject: integration {}\r\n\r\nHello from Postfix via stsrelay.\r\n"
+with smtplib.SMTP("127.0.0.30", 25, timeout=10) as s:
+    for rcpt in ["bob@good.test", "bob@bad.test", "bob@testing.test", "bob@nopolicy.test", "nobody@reject.test"]:
+        s.sendmail("alice@client.test", [rcpt], msg.format(rcpt))
+PY
+# wait_for NAME COMMAND: bounded wait (30 s) for a condition.
+wait_for() {
+  local name=$1; shift
+  for _ in $(seq 1 300); do if "$@" >/dev/null 2>&1; then echo "ok   $name"; passed=$((passed+1)); return; fi; sleep 0.1; done
+  echo "FAIL $name"; failed=$((failed+1))
+}
+in_maildir() { grep -rlq -- "$2" "$W/mail/$1/new/" 2>/dev/null; }
+sink_has() { grep -q -- "$2" "$W/sink-$1.eml" 2>/dev/null; }
+wait_for enforce_good_mx_delivered_over_verified_tls in_maildir good.test "integration bob@good.test"
+if grep -rq "by mx1.good.test (Postfix) with ESMTPS" "$W/mail/good.test/new/"; then echo "ok   good_mx_received_over_tls"; passed=$((passed+1));
+else echo "FAIL good_mx_received_over_tls"; failed=$((failed+1)); fi
+wait_for testing_mode_bad_cert_delivered sink_has 127.0.0.27 "integration bob@testing.test"
+wait_for no_policy_delivered_plaintext sink_has 127.0.0.28 "integration bob@nopolicy.test"
+wait_for bounce_reaches_the_sender in_maildir client.test "Final-Recipient: rfc822; nobody@reject.test"
+queue_has_deferred_enforce() {
+  inns "$BIN" --config "$W/relay.toml" queue list --json > "$W/queue.json" &&
+  /usr/bin/python3 - "$W/queue.json" <<'PY'
+import json, sys
+q = json.load(open(sys.argv[1]))
+r = [r for m in q for r in m["recipients"] if r["address"] == "bob@bad.test"]
+assert r and r[0]["state"] == "deferred" and "4.7" in (r[0]["last_reason"] or ""), r
+PY
+}
+wait_for enforce_bad_mx_deferred_with_reason queue_has_deferred_enforce
+if grep -q "integration bob@bad.test" "$W"/sink-127.0.0.2[678].eml 2>/dev/null; then
+  echo "FAIL enforce_never_delivers_to_bad_mx"; failed=$((failed+1))
+else echo "ok   enforce_never_delivers_to_bad_mx"; passed=$((passed+1)); fi
 
 echo "integration: $passed passed, $failed failed"
 [ "$failed" = 0 ]

@@ -16,8 +16,16 @@ class Handler:
     def __init__(self, ip, logdir):
         self.path = f"{logdir}/sink-{ip}.eml"
 
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.startswith("nobody@"):
+            return "550 5.1.1 <%s>: no such user" % address
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, server, session, envelope):
         with open(self.path, "ab") as f:
+            tls = session.ssl is not None
+            f.write(b"X-Sink-TLS: " + (b"yes" if tls else b"no") + b"\r\n")
             f.write(b"X-Sink-From: " + envelope.mail_from.encode() + b"\r\n")
             f.write(b"X-Sink-To: " + ",".join(envelope.rcpt_tos).encode() + b"\r\n")
             f.write(envelope.original_content or b"")

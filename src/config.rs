@@ -428,5 +428,7 @@ mod example_file {
         assert_eq!(format!("{:?}", c.delivery), format!("{:?}", d.delivery));
         assert_eq!(c.storage.data_dir, d.storage.data_dir);
         assert_eq!(c.dns_timeout(), d.dns_timeout());
+        assert_eq!(format!("{:?}", c.server), format!("{:?}", d.server));
+        assert_eq!(format!("{:?}", c.queue), format!("{:?}", d.queue));
     }
 }
