@@ -16,6 +16,7 @@
 pub mod dns;
 pub mod https;
 pub mod pki;
+pub mod relay;
 pub mod smtp;
 
 use std::sync::Arc;
