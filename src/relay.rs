@@ -10,7 +10,7 @@ use crate::smtp::inbound::{self, InboundEnvelope, MessageSink, SessionConfig};
 use crate::store::SqliteStore;
 use crate::sts::{Engine, EngineOptions, FetchOptions, HttpsFetcher};
 use crate::tls::TrustStore;
-use crate::tlsrpt::{LogRecorder, SessionRecorder};
+use crate::tlsrpt::{SessionRecorder, StoreRecorder};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::sync::Arc;
@@ -264,7 +264,10 @@ impl MessageSink for SpoolSink {
     }
 }
 
-/// Run with the default session recorder (logs only, until TLS-RPT storage lands).
+/// Run the relay; TLS session results are stored in `storage.data_dir` for TLS-RPT.
 pub async fn run(cfg: Config) -> Result<(), RelayError> {
-    Relay::new(cfg, Arc::new(LogRecorder)).await?.run().await
+    let store = SqliteStore::open(&cfg.storage.data_dir)
+        .map_err(setup("session store (storage.data_dir)"))?;
+    let recorder = Arc::new(StoreRecorder::spawn(store));
+    Relay::new(cfg, recorder).await?.run().await
 }

@@ -11,6 +11,23 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use stsrelay::smtp::outbound::Client;
 
+/// TLS session results the relay stored, read from its data dir.
+async fn sessions(lab: &Lab) -> Vec<stsrelay::tlsrpt::SessionResult> {
+    let store = stsrelay::store::SqliteStore::open(&lab.dir.path().join("data")).unwrap();
+    store.sessions_between(0, i64::MAX).await.unwrap()
+}
+
+async fn failure_of(lab: &Lab, mx: &str) -> Option<(String, String)> {
+    sessions(lab)
+        .await
+        .into_iter()
+        .find(|r| r.receiving_mx_hostname == mx)
+        .map(|r| {
+            let f = r.failure.expect("a failure");
+            (f.result_type.as_str().to_string(), f.reason_code)
+        })
+}
+
 const MSG: &str = "Subject: test\r\nFrom: alice@sender.test\r\n\r\nHello.\r\n.leading dot\r\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,6 +79,18 @@ async fn enforce_good_mx_gets_the_message_over_verified_tls() {
         queue_json(&relay).await.as_array().unwrap().is_empty()
     })
     .await;
+    // One successful STS session recorded for TLS-RPT.
+    eventually("session recorded", &lab, async || {
+        !sessions(&lab).await.is_empty()
+    })
+    .await;
+    let r = &sessions(&lab).await[0];
+    assert_eq!(r.policy_domain, "good.test");
+    assert_eq!(r.policy_type, stsrelay::tlsrpt::PolicyType::Sts);
+    assert_eq!(r.mx_host_patterns, vec!["mx.good.test"]);
+    assert_eq!(r.receiving_mx_hostname, "mx.good.test");
+    assert_eq!(r.receiving_ip, Some(IpAddr::V4(ip(40))));
+    assert!(r.failure.is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,6 +190,24 @@ async fn enforce_failures_defer_and_a_fixed_policy_delivers() {
         0,
         "an MX outside the policy is not even connected to"
     );
+    // Each failure is recorded with its RFC 8460 result type.
+    eventually("failures recorded", &lab, async || {
+        failure_of(&lab, "mx.moved.test").await.is_some()
+    })
+    .await;
+    let ft = |a: &str, b: &str| Some((a.to_string(), b.to_string()));
+    assert_eq!(
+        failure_of(&lab, "mx.wrongname.test").await,
+        ft("certificate-host-mismatch", "certificate-host-mismatch")
+    );
+    assert_eq!(
+        failure_of(&lab, "mx.plain.test").await,
+        ft("starttls-not-supported", "starttls-not-offered")
+    );
+    assert_eq!(
+        failure_of(&lab, "mx.moved.test").await,
+        ft("validation-failure", "mx-not-in-policy")
+    );
     // The domain fixes its policy (new id): the next try delivers.
     lab.policy(
         "moved.test",
@@ -223,6 +270,14 @@ async fn testing_mode_and_no_policy_deliver_and_bounces_reach_the_sender() {
     assert!(
         lab.sinks[s_testing].messages()[0].tls,
         "unauthenticated TLS in testing mode"
+    );
+    eventually("testing failure recorded", &lab, async || {
+        failure_of(&lab, "mx.testing.test").await.is_some()
+    })
+    .await;
+    assert_eq!(
+        failure_of(&lab, "mx.testing.test").await.unwrap().0,
+        "certificate-not-trusted"
     );
     eventually("no-policy delivery", &lab, async || {
         !lab.sinks[s_none].messages().is_empty()

@@ -2,6 +2,7 @@
 
 use super::{PolicyStore, StoreError};
 use crate::sts::{CachedPolicy, Policy};
+use crate::tlsrpt::SessionResult;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -53,7 +54,14 @@ impl SqliteStore {
                  id TEXT NOT NULL,
                  body TEXT NOT NULL,
                  fetched_at INTEGER NOT NULL
-             );",
+             );
+             CREATE TABLE IF NOT EXISTS tls_session (
+                 id INTEGER PRIMARY KEY,
+                 at INTEGER NOT NULL,
+                 policy_domain TEXT NOT NULL,
+                 result TEXT NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS tls_session_domain_at ON tls_session (policy_domain, at);",
         )
         .map_err(err("create schema"))?;
         Ok(SqliteStore {
@@ -105,6 +113,60 @@ fn row_to_policy(
             tracing::error!(%domain, error = %e, "stored MTA-STS policy does not parse; ignoring it");
             None
         }
+    }
+}
+
+impl SqliteStore {
+    /// Append session results (one transaction for the batch).
+    pub async fn insert_sessions(&self, batch: Vec<SessionResult>) -> Result<(), StoreError> {
+        self.with("insert sessions", move |c| {
+            let tx = c.unchecked_transaction().map_err(err("insert sessions"))?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO tls_session (at, policy_domain, result) VALUES (?1, ?2, ?3)",
+                    )
+                    .map_err(err("insert sessions"))?;
+                for r in &batch {
+                    let json = serde_json::to_string(r).map_err(|e| StoreError {
+                        op: "insert sessions",
+                        reason: e.to_string(),
+                    })?;
+                    stmt.execute(params![r.at, r.policy_domain, json])
+                        .map_err(err("insert sessions"))?;
+                }
+            }
+            tx.commit().map_err(err("insert sessions"))
+        })
+        .await
+    }
+
+    /// Session results with `from <= at < to` (Unix seconds), oldest first.
+    pub async fn sessions_between(
+        &self,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<SessionResult>, StoreError> {
+        self.with("list sessions", move |c| {
+            let mut stmt = c
+                .prepare(
+                    "SELECT result FROM tls_session WHERE at >= ?1 AND at < ?2 ORDER BY at, id",
+                )
+                .map_err(err("list sessions"))?;
+            let rows = stmt
+                .query_map(params![from, to], |r| r.get::<_, String>(0))
+                .map_err(err("list sessions"))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let json = row.map_err(err("list sessions"))?;
+                match serde_json::from_str(&json) {
+                    Ok(r) => out.push(r),
+                    Err(e) => tracing::error!(error = %e, "unreadable session result skipped"),
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 }
 

@@ -2,9 +2,11 @@
 //! `_smtp._tls` record, and the per-session results delivery records.
 
 mod record;
+mod recorder;
 mod result_type;
 mod session;
 
 pub use record::{Rua, TlsRptRecord, TlsRptRecordError, select_tlsrpt_record};
+pub use recorder::StoreRecorder;
 pub use result_type::{ResultType, UnknownResultType};
 pub use session::{LogRecorder, PolicyType, SessionFailure, SessionRecorder, SessionResult};
