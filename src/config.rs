@@ -174,6 +174,9 @@ pub struct ServerConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for STARTTLS.
     pub tls_key: Option<PathBuf>,
+    /// Users (one `user:argon2-hash` per line) who may relay after `AUTH PLAIN` over
+    /// STARTTLS from outside `allow`. Needs `tls_cert`.
+    pub auth_users_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -190,6 +193,7 @@ impl Default for ServerConfig {
             idle_timeout_secs: 300,
             tls_cert: None,
             tls_key: None,
+            auth_users_file: None,
         }
     }
 }
@@ -300,6 +304,12 @@ impl Config {
         }
         if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
             return invalid("server.tls_cert", "tls_cert and tls_key go together");
+        }
+        if self.server.auth_users_file.is_some() && self.server.tls_cert.is_none() {
+            return invalid(
+                "server.auth_users_file",
+                "AUTH is offered over TLS only: set server.tls_cert and tls_key",
+            );
         }
         if self.server.max_message_size == 0 || self.server.max_recipients == 0 {
             return invalid("server.max_message_size", "limits must be positive");

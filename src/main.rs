@@ -29,6 +29,11 @@ enum Command {
         #[command(subcommand)]
         action: QueueAction,
     },
+    /// SMTP AUTH helpers.
+    Auth {
+        #[command(subcommand)]
+        action: AuthAction,
+    },
     /// Check a domain's MTA-STS and TLS-RPT set-up from the sender's side.
     /// Exit status: 0 all checks pass, 1 a check failed, 2 usage or config error.
     Check {
@@ -60,6 +65,13 @@ enum QueueAction {
         /// Queue id.
         id: String,
     },
+}
+
+#[derive(Subcommand)]
+enum AuthAction {
+    /// Read a password from standard input and print its Argon2id hash, for a
+    /// `user:hash` line of `server.auth_users_file`.
+    Hash,
 }
 
 /// sysexits: configuration error.
@@ -105,6 +117,27 @@ fn main() -> ExitCode {
         Command::Check { domain, json } => rt.block_on(check(&cfg, &domain, json)),
         Command::Run => rt.block_on(run(cfg)),
         Command::Queue { action } => queue(&cfg, action),
+        Command::Auth {
+            action: AuthAction::Hash,
+        } => {
+            let mut line = String::new();
+            if std::io::stdin().read_line(&mut line).is_err()
+                || line.trim_end_matches(['\r', '\n']).is_empty()
+            {
+                eprintln!("stsrelay: give the password on standard input");
+                return ExitCode::from(2);
+            }
+            match stsrelay::smtp::auth::hash_password(line.trim_end_matches(['\r', '\n'])) {
+                Ok(h) => {
+                    println!("{h}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("stsrelay: {e}");
+                    ExitCode::from(70)
+                }
+            }
+        }
     }
 }
 

@@ -6,6 +6,7 @@ use crate::delivery::Deliverer;
 use crate::dns::Resolver;
 use crate::queue::scheduler::Scheduler;
 use crate::queue::spool::{Envelope, Notify, RecipientSpec, Ret, Spool};
+use crate::smtp::auth::UserFile;
 use crate::smtp::inbound::{self, InboundEnvelope, MessageSink, SessionConfig};
 use crate::store::SqliteStore;
 use crate::sts::{Engine, EngineOptions, FetchOptions, HttpsFetcher};
@@ -51,6 +52,7 @@ pub struct Relay {
     scheduler: Scheduler,
     engine: Engine,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    users: Option<UserFile>,
 }
 
 fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> RelayError + '_ {
@@ -91,12 +93,17 @@ impl Relay {
             (Some(cert), Some(key)) => Some(acceptor(cert, key)?),
             _ => None,
         };
+        let users = match &cfg.server.auth_users_file {
+            Some(path) => Some(UserFile::load(path).map_err(setup("SMTP AUTH"))?),
+            None => None,
+        };
         Ok(Relay {
             cfg,
             spool,
             scheduler,
             engine,
             tls,
+            users,
         })
     }
 
@@ -152,10 +159,17 @@ impl Relay {
                 }
             };
             let cfg = self.session_config(peer.ip());
-            let (sink, tls) = (sink.clone(), self.tls.clone());
+            let (sink, tls, users) = (sink.clone(), self.tls.clone(), self.users.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                match inbound::serve(stream, cfg, peer, sink.as_ref(), tls, idle).await {
+                let served = match &users {
+                    Some(u) => {
+                        inbound::serve_with_auth(stream, cfg, peer, sink.as_ref(), u, tls, idle)
+                            .await
+                    }
+                    None => inbound::serve(stream, cfg, peer, sink.as_ref(), tls, idle).await,
+                };
+                match served {
                     Ok(s) => tracing::debug!(%peer, queued = ?s.queue_ids, "session closed"),
                     Err(e) => tracing::debug!(%peer, error = %e, "session ended with an error"),
                 }
@@ -168,6 +182,7 @@ impl Relay {
         c.max_message_size = self.cfg.server.max_message_size;
         c.max_recipients = self.cfg.server.max_recipients;
         c.starttls_available = self.tls.is_some();
+        c.auth_available = self.users.is_some();
         c.client_allowed = self.cfg.relay_allowed(peer);
         c
     }

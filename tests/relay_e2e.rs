@@ -351,3 +351,104 @@ async fn clients_outside_server_allow_cannot_relay() {
     assert!(replies[2].starts_with("250"), "{replies:?}");
     assert!(queue_json(&relay).await.as_array().unwrap().is_empty());
 }
+
+fn base64(input: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in input.chunks(3) {
+        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_plain_over_starttls_lets_an_outside_client_relay() {
+    let mut lab = Lab::new(&[49]).await;
+    let s = lab
+        .mx(
+            "authdest.test",
+            "mx.authdest.test",
+            49,
+            SinkOptions::plain("mx.authdest.test"),
+        )
+        .await;
+    let server_leaf = lab.ca.leaf(&["relay.sender.test"]);
+    let (cert, key) = server_leaf.write_pem(lab.dir.path(), "relay");
+    let hash = stsrelay::smtp::auth::hash_password("correct horse").unwrap();
+    let users = lab.dir.path().join("users");
+    std::fs::write(&users, format!("alice:{hash}\n")).unwrap();
+    let relay = lab
+        .start_relay(&format!(
+            "allow = [\"127.0.0.250/32\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"\nauth_users_file = \"{}\"\n",
+            cert.display(),
+            key.display(),
+            users.display()
+        ))
+        .await;
+    let trust = stsrelay::tls::TrustStore::new(&[lab.ca.write_ca_pem(lab.dir.path())]).unwrap();
+    let (mut c, _) = Client::connect(
+        relay.listen,
+        Duration::from_secs(5),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let ehlo = c.ehlo("client.test").await.unwrap();
+    assert!(!ehlo.has_extension("AUTH"), "no AUTH before TLS");
+    assert!(ehlo.has_extension("STARTTLS"));
+    let (mut c, _) = c
+        .starttls(trust.strict_config(), "relay.sender.test")
+        .await
+        .unwrap();
+    let ehlo = c.ehlo("client.test").await.unwrap();
+    assert!(ehlo.has_extension("AUTH"), "{}", ehlo.text());
+    // Unauthenticated and outside `allow`: refused.
+    assert!(
+        c.command("MAIL FROM:<alice@sender.test>")
+            .await
+            .unwrap()
+            .is_positive()
+    );
+    assert_eq!(
+        c.command("RCPT TO:<bob@authdest.test>").await.unwrap().code,
+        550
+    );
+    assert!(c.command("RSET").await.unwrap().is_positive());
+    let bad = base64(b"\0alice\0wrong");
+    assert_eq!(
+        c.command(&format!("AUTH PLAIN {bad}")).await.unwrap().code,
+        535
+    );
+    let good = base64(b"\0alice\0correct horse");
+    assert_eq!(
+        c.command(&format!("AUTH PLAIN {good}")).await.unwrap().code,
+        235
+    );
+    assert!(
+        c.command("MAIL FROM:<alice@sender.test>")
+            .await
+            .unwrap()
+            .is_positive()
+    );
+    assert!(
+        c.command("RCPT TO:<bob@authdest.test>")
+            .await
+            .unwrap()
+            .is_positive()
+    );
+    assert_eq!(c.command("DATA").await.unwrap().code, 354);
+    assert!(c.send_data(MSG.as_bytes()).await.unwrap().is_positive());
+    c.quit().await;
+    eventually("delivery of the authenticated message", &lab, async || {
+        !lab.sinks[s].messages().is_empty()
+    })
+    .await;
+}

@@ -1,5 +1,6 @@
 //! SMTP: the client side used to reach MX hosts, and the server side that accepts mail.
 
+pub mod auth;
 pub mod inbound;
 pub mod outbound;
 
