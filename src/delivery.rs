@@ -85,6 +85,16 @@ pub struct Deliverer {
     timeout: Duration,
 }
 
+/// The MX a transaction runs on, for logs.
+struct Hop<'a> {
+    domain: &'a str,
+    host: &'a str,
+    ip: IpAddr,
+    mode: Option<Mode>,
+    /// `none`, `TLSv1.3 verified`, `TLSv1.3 unverified (certificate-not-trusted)`…
+    tls: String,
+}
+
 /// How a session with one MX address ended.
 enum SessionEnd {
     /// The transaction ran: per-recipient results.
@@ -279,7 +289,14 @@ impl Deliverer {
                     "starttls-not-offered",
                 )));
             }
-            return self.transact(c, &ehlo, host, ip, tx).await;
+            let hop = Hop {
+                domain,
+                host,
+                ip,
+                mode: lookup.mode(),
+                tls: "none".into(),
+            };
+            return self.transact(c, &ehlo, &hop, tx).await;
         }
         let strict = decision.requires_verified_tls();
         let config = if strict {
@@ -300,6 +317,14 @@ impl Deliverer {
                         .map(|f| tls_fail(&f)),
                     _ => None, // enforce: verified in the handshake; no policy: nothing to validate
                 };
+                let tls_state = if strict {
+                    format!("{} verified", info.version)
+                } else {
+                    match self.trust.verify(&info.chain, host) {
+                        Ok(()) => format!("{} verified", info.version),
+                        Err(f) => format!("{} unverified ({})", info.version, f.result_type),
+                    }
+                };
                 record(failure);
                 let ehlo = match tls.ehlo(&self.helo).await {
                     Ok(r) => r,
@@ -307,7 +332,14 @@ impl Deliverer {
                         return next(format!("451 4.4.2 {host}[{ip}] EHLO after STARTTLS: {e}"));
                     }
                 };
-                self.transact(tls, &ehlo, host, ip, tx).await
+                let hop = Hop {
+                    domain,
+                    host,
+                    ip,
+                    mode: lookup.mode(),
+                    tls: tls_state,
+                };
+                self.transact(tls, &ehlo, &hop, tx).await
             }
             Err(SmtpError::Tls(f)) => {
                 if lookup.mode().is_some() {
@@ -322,7 +354,14 @@ impl Deliverer {
                     };
                 }
                 // Opportunistic: the handshake itself failed; deliver in plaintext (RFC 8461 §5 testing, no policy).
-                self.plaintext_retry(addr, host, ip, tx).await
+                let hop = Hop {
+                    domain,
+                    host,
+                    ip,
+                    mode: lookup.mode(),
+                    tls: format!("none (handshake failed: {})", f.result_type),
+                };
+                self.plaintext_retry(addr, &hop, tx).await
             }
             Err(e) => next(format!("451 4.4.2 {host}[{ip}] STARTTLS: {e}")),
         }
@@ -331,10 +370,10 @@ impl Deliverer {
     async fn plaintext_retry(
         &self,
         addr: SocketAddr,
-        host: &str,
-        ip: IpAddr,
+        hop: &Hop<'_>,
         tx: &Transaction,
     ) -> SessionEnd {
+        let (host, ip) = (hop.host, hop.ip);
         let (mut c, _) = match Client::connect(addr, self.connect_timeout, self.timeout).await {
             Ok(x) => x,
             Err(e) => {
@@ -345,7 +384,7 @@ impl Deliverer {
             }
         };
         match c.ehlo(&self.helo).await {
-            Ok(ehlo) => self.transact(c, &ehlo, host, ip, tx).await,
+            Ok(ehlo) => self.transact(c, &ehlo, hop, tx).await,
             Err(e) => SessionEnd::Next {
                 reason: format!("451 4.4.2 {host}[{ip}] EHLO: {e}"),
                 policy: false,
@@ -355,6 +394,32 @@ impl Deliverer {
 
     /// MAIL, RCPT…, DATA on an established (and, where required, verified) session.
     async fn transact<S: Stream>(
+        &self,
+        c: Client<S>,
+        ehlo: &Reply,
+        hop: &Hop<'_>,
+        tx: &Transaction,
+    ) -> SessionEnd {
+        let end = self.transact_inner(c, ehlo, hop.host, hop.ip, tx).await;
+        // One line per attempt: domain, MX, policy mode, TLS outcome, reply.
+        let outcome = match &end {
+            SessionEnd::Done(results) => results
+                .iter()
+                .map(|r| match r {
+                    RcptResult::Delivered { reply } => format!("delivered: {reply}"),
+                    RcptResult::Deferred { reason } => format!("deferred: {reason}"),
+                    RcptResult::Bounced { reason } => format!("bounced: {reason}"),
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+            SessionEnd::Next { reason, .. } => format!("failed: {reason}"),
+        };
+        tracing::info!(domain = %hop.domain, mx = %hop.host, ip = %hop.ip, mode = hop.mode.map(|m| m.as_str()).unwrap_or("none"),
+            tls = %hop.tls, rcpts = tx.recipients.len(), %outcome, "delivery attempt");
+        end
+    }
+
+    async fn transact_inner<S: Stream>(
         &self,
         mut c: Client<S>,
         ehlo: &Reply,

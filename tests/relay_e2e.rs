@@ -91,6 +91,15 @@ async fn enforce_good_mx_gets_the_message_over_verified_tls() {
     assert_eq!(r.receiving_mx_hostname, "mx.good.test");
     assert_eq!(r.receiving_ip, Some(IpAddr::V4(ip(40))));
     assert!(r.failure.is_none());
+    let log = lab.log();
+    assert!(
+        log.lines().any(|l| l.contains("delivery attempt")
+            && l.contains("mx.good.test")
+            && l.contains("mode=\"enforce\"")
+            && l.contains("tls=TLSv1.3 verified")
+            && l.contains("delivered")),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -451,4 +460,51 @@ async fn auth_plain_over_starttls_lets_an_outside_client_relay() {
         !lab.sinks[s].messages().is_empty()
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_lifetime_ends_in_a_bounce_to_the_sender() {
+    let mut lab = Lab::new(&[39]).await;
+    // The MX has no address: every attempt defers until the lifetime runs out.
+    lab.dns
+        .add_mx("unreachable.test", 10, "mx.unreachable.test");
+    let s_sender = lab
+        .mx(
+            "sender.test",
+            "mx.sender.test",
+            39,
+            SinkOptions::plain("mx.sender.test"),
+        )
+        .await;
+    let relay = lab
+        .start_relay("[queue]\nretry_secs = [1]\nlifetime_secs = 3\n")
+        .await;
+    let started = std::time::Instant::now();
+    submit(&relay, "alice@sender.test", &["bob@unreachable.test"], MSG).await;
+    eventually("a deferral", &lab, async || {
+        queue_json(&relay)
+            .await
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["recipients"][0]["state"] == "deferred")
+    })
+    .await;
+    eventually("the expiry bounce", &lab, async || {
+        !lab.sinks[s_sender].messages().is_empty()
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "not before the lifetime"
+    );
+    let dsn = String::from_utf8_lossy(&lab.sinks[s_sender].messages()[0].data).into_owned();
+    assert!(
+        dsn.contains("Final-Recipient: rfc822; bob@unreachable.test"),
+        "{dsn}"
+    );
+    assert!(dsn.contains("queue lifetime expired"), "{dsn}");
+    assert!(dsn.contains("Status: 5.4.4"), "{dsn}");
+    // Every attempt is logged with domain, MX, mode, TLS outcome and result.
+    assert!(lab.log().contains("delivery attempt"), "{}", lab.log());
 }
