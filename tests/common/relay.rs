@@ -73,6 +73,16 @@ impl Lab {
     }
 
     pub async fn start_relay(&self, extra: &str) -> Relay {
+        self.start_relay_edited(extra, |c| c).await
+    }
+
+    /// Like [`Lab::start_relay`], but `edit` may rewrite the generated config text
+    /// before it is written (e.g. to change a key of a section other than `[server]`).
+    pub async fn start_relay_edited(
+        &self,
+        extra: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> Relay {
         let listen = SocketAddr::new(
             IpAddr::V4(Ipv4Addr::LOCALHOST),
             free_port_on(&[Ipv4Addr::LOCALHOST]),
@@ -81,7 +91,7 @@ impl Lab {
         let config = self.dir.path().join("stsrelay.toml");
         std::fs::write(
             &config,
-            format!(
+            edit(format!(
                 "[dns]\nnameservers = [\"{}\"]\n[tls]\nextra_roots = [\"{}\"]\n[storage]\ndata_dir = \"{}\"\n\
                  [delivery]\nport = {}\nhelo_name = \"relay.sender.test\"\nconnect_timeout_secs = 5\ncommand_timeout_secs = 10\n\
                  [sts]\npolicy_port = {}\nfetch_timeout_secs = 5\n\
@@ -91,7 +101,7 @@ impl Lab {
                 self.dir.path().join("data").display(),
                 self.port,
                 self.host.addr().port(),
-            ),
+            )),
         )
         .unwrap();
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_stsrelay"))
