@@ -40,7 +40,7 @@ trap cleanup EXIT
 ip netns add "$NS"
 ip netns exec "$NS" ip link set lo up
 # Each peer's own address (Postfix insists that inet_interfaces are configured addresses).
-for last in 25 26 27 28 30 53 80; do ip netns exec "$NS" ip addr add "127.0.0.$last/32" dev lo; done
+for last in 25 26 27 28 29 30 31 53 80; do ip netns exec "$NS" ip addr add "127.0.0.$last/32" dev lo; done
 inns() { ip netns exec "$NS" "$@"; }
 
 # Wait (bounded) until something listens on proto/addr:port inside the namespace.
@@ -73,6 +73,30 @@ leaf mta-sts.redir.test mta-sts.redir.test
 leaf mta-sts.testing.test mta-sts.testing.test
 leaf mx1.good.test mx1.good.test
 leaf mx1.bad.test other.bad.test                      # wrong name
+leaf mx.moved.test mx.moved.test
+leaf mta-sts.expired.test mta-sts.expired.test
+leaf mta-sts.moved.test mta-sts.moved.test
+# An expired certificate needs `openssl ca` (x509 -req cannot back-date).
+mkdir -p "$W/ca-db"; : > "$W/ca-db/index.txt"; echo 1000 > "$W/ca-db/serial"
+cat > "$W/ca.cnf" <<CNF
+[ ca ]
+default_ca = test
+[ test ]
+database = $W/ca-db/index.txt
+serial = $W/ca-db/serial
+new_certs_dir = $W/ca-db
+certificate = $W/ca.pem
+private_key = $W/ca.key
+default_md = sha256
+policy = any
+copy_extensions = copy
+[ any ]
+commonName = supplied
+CNF
+openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=mx.expired.test" \
+  -addext "subjectAltName=DNS:mx.expired.test" -keyout "$W/mx.expired.test.key" -out "$W/mx.expired.test.csr" 2>/dev/null
+openssl ca -batch -config "$W/ca.cnf" -startdate 20200101000000Z -enddate 20200201000000Z -notext \
+  -in "$W/mx.expired.test.csr" -out "$W/mx.expired.test.pem" 2>/dev/null
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
   -subj "/CN=mx2.bad.test" -addext "subjectAltName=DNS:mx2.bad.test" \
   -keyout "$W/mx2.bad.test.key" -out "$W/mx2.bad.test.pem" 2>/dev/null   # self-signed
@@ -107,6 +131,14 @@ testing           MX  10 mx2.bad
 nopolicy          MX  10 mx3.bad
 reject            MX  10 mx3.bad
 client            MX  10 mx.client
+_mta-sts.expired  TXT "v=STSv1; id=1"
+mta-sts.expired   A   127.0.0.80
+expired           MX  10 mx.expired
+mx.expired        A   127.0.0.29
+_mta-sts.moved    TXT "v=STSv1; id=1"
+mta-sts.moved     A   127.0.0.80
+moved             MX  10 mx.moved
+mx.moved          A   127.0.0.31
 mx.client         A   127.0.0.30
 ZONE
 cat > "$W/knot.conf" <<KNOT
@@ -132,6 +164,9 @@ pids+=($!)
 # --- policy hosts: nginx on 127.0.0.80:443 ---------------------------------------------
 mkdir -p "$W/www/good/.well-known" "$W/www/bad/.well-known" "$W/www/testing/.well-known" "$W/nginx-tmp"
 printf 'version: STSv1\nmode: testing\nmx: *.bad.test\nmax_age: 86400\n' > "$W/www/testing/.well-known/mta-sts.txt"
+mkdir -p "$W/www/expired/.well-known" "$W/www/moved/.well-known"
+printf 'version: STSv1\nmode: enforce\nmx: mx.expired.test\nmax_age: 86400\n' > "$W/www/expired/.well-known/mta-sts.txt"
+printf 'version: STSv1\nmode: enforce\nmx: mx.old.moved.test\nmax_age: 86400\n' > "$W/www/moved/.well-known/mta-sts.txt"
 printf 'version: STSv1\nmode: enforce\nmx: mx1.good.test\nmax_age: 86400\n' > "$W/www/good/.well-known/mta-sts.txt"
 printf 'version: STSv1\r\nmode: enforce\r\nmx: *.bad.test\r\nmax_age: 86400\r\n' > "$W/www/bad/.well-known/mta-sts.txt"
 vhost() { # name root-or-empty extra
@@ -164,6 +199,8 @@ http {
 $(vhost mta-sts.good.test "root $W/www/good;")
 $(vhost mta-sts.bad.test "root $W/www/bad;")
 $(vhost mta-sts.testing.test "root $W/www/testing;")
+$(vhost mta-sts.expired.test "root $W/www/expired;")
+$(vhost mta-sts.moved.test "root $W/www/moved;")
 $(vhost mta-sts.redir.test "return 301 https://mta-sts.good.test/.well-known/mta-sts.txt;")
 }
 NGINX
@@ -235,12 +272,14 @@ inns postfix -c "$W/pf2/etc" start >"$W/pf2/start.out" 2>&1 || { cat "$W/pf2/sta
 inns /usr/bin/python3 "$HERE/sinks.py" "$W" \
   "127.0.0.26:mx1.bad.test:$W/mx1.bad.test.pem:$W/mx1.bad.test.key" \
   "127.0.0.27:mx2.bad.test:$W/mx2.bad.test.pem:$W/mx2.bad.test.key" \
-  "127.0.0.28:mx3.bad.test" >"$W/sinks.out" 2>&1 &
+  "127.0.0.28:mx3.bad.test" \
+  "127.0.0.29:mx.expired.test:$W/mx.expired.test.pem:$W/mx.expired.test.key" \
+  "127.0.0.31:mx.moved.test:$W/mx.moved.test.pem:$W/mx.moved.test.key" >"$W/sinks.out" 2>&1 &
 pids+=($!)
 
 wait_listen u 127.0.0.53:53
 wait_listen t 127.0.0.80:443
-for ip in 25 26 27 28 30; do wait_listen t "127.0.0.$ip:25"; done
+for ip in 25 26 27 28 29 30 31; do wait_listen t "127.0.0.$ip:25"; done
 
 cat > "$W/stsrelay.toml" <<CFG
 [dns]
@@ -327,7 +366,8 @@ inns /usr/bin/python3 - <<'PY'
 import smtplib
 msg = "From: alice@client.test\r\nSubject: integration {}\r\n\r\nHello from Postfix via stsrelay.\r\n"
 with smtplib.SMTP("127.0.0.30", 25, timeout=10) as s:
-    for rcpt in ["bob@good.test", "bob@bad.test", "bob@testing.test", "bob@nopolicy.test", "nobody@reject.test"]:
+    for rcpt in ["bob@good.test", "bob@bad.test", "bob@testing.test", "bob@nopolicy.test", "nobody@reject.test",
+                 "bob@expired.test", "bob@moved.test"]:
         s.sendmail("alice@client.test", [rcpt], msg.format(rcpt))
 PY
 # wait_for NAME COMMAND: bounded wait (30 s) for a condition.
@@ -344,16 +384,30 @@ else echo "FAIL good_mx_received_over_tls"; failed=$((failed+1)); fi
 wait_for testing_mode_bad_cert_delivered sink_has 127.0.0.27 "integration bob@testing.test"
 wait_for no_policy_delivered_plaintext sink_has 127.0.0.28 "integration bob@nopolicy.test"
 wait_for bounce_reaches_the_sender in_maildir client.test "Final-Recipient: rfc822; nobody@reject.test"
-queue_has_deferred_enforce() {
+# deferred_with RCPT TEXT: the recipient is deferred and its reason (queue show) contains TEXT.
+deferred_with() {
   inns "$BIN" --config "$W/relay.toml" queue list --json > "$W/queue.json" &&
-  /usr/bin/python3 - "$W/queue.json" <<'PY'
+  /usr/bin/python3 - "$W/queue.json" "$1" "$2" <<'PY'
 import json, sys
 q = json.load(open(sys.argv[1]))
-r = [r for m in q for r in m["recipients"] if r["address"] == "bob@bad.test"]
-assert r and r[0]["state"] == "deferred" and "4.7" in (r[0]["last_reason"] or ""), r
+r = [r for m in q for r in m["recipients"] if r["address"] == sys.argv[2]]
+assert r and r[0]["state"] == "deferred" and sys.argv[3] in (r[0]["last_reason"] or ""), r
 PY
 }
-wait_for enforce_bad_mx_deferred_with_reason queue_has_deferred_enforce
+wait_for enforce_bad_mx_deferred_with_reason deferred_with bob@bad.test "4.7"
+wait_for enforce_expired_cert_deferred deferred_with bob@expired.test "expired"
+wait_for enforce_mx_not_in_policy_deferred deferred_with bob@moved.test "not permitted by the MTA-STS policy"
+# The domain fixes its policy: new policy file, new TXT id (zone reloaded); one flush later it is delivered.
+printf 'version: STSv1\nmode: enforce\nmx: mx.moved.test\nmax_age: 86400\n' > "$W/www/moved/.well-known/mta-sts.txt"
+sed -i -e 's/^_mta-sts.moved    TXT "v=STSv1; id=1"/_mta-sts.moved    TXT "v=STSv1; id=2"/' \
+  -e 's/hostmaster.test. 1 /hostmaster.test. 2 /' "$W/test.zone"
+inns knotc -c "$W/knot.conf" zone-reload test. >/dev/null
+sleep 6   # the zone's TTL is 5 s
+inns "$BIN" --config "$W/relay.toml" queue flush >/dev/null
+wait_for policy_fixed_new_id_delivered sink_has 127.0.0.31 "integration bob@moved.test"
+if grep -q "integration bob@expired.test" "$W/sink-127.0.0.29.eml" 2>/dev/null; then
+  echo "FAIL expired_mx_got_nothing"; failed=$((failed+1))
+else echo "ok   expired_mx_got_nothing"; passed=$((passed+1)); fi
 if grep -q "integration bob@bad.test" "$W"/sink-127.0.0.2[678].eml 2>/dev/null; then
   echo "FAIL enforce_never_delivers_to_bad_mx"; failed=$((failed+1))
 else echo "ok   enforce_never_delivers_to_bad_mx"; passed=$((passed+1)); fi

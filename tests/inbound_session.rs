@@ -1290,3 +1290,35 @@ async fn driver_failed_tls_handshake_is_an_error() {
     let err = served.await.unwrap().unwrap_err();
     assert!(matches!(err, ServeError::TlsHandshake { .. }), "{err}");
 }
+
+/// Regression (found by the smtp_session fuzz target): input that overflows the pause
+/// buffer while a message is being stored closes the session only after the stored
+/// message is acknowledged, and never puts events behind a `Message` in one batch.
+#[test]
+fn overflow_during_store_acknowledges_then_closes() {
+    use stsrelay::smtp::inbound::{Event, Session, SessionConfig};
+    let mut cfg = SessionConfig::new("relay.test");
+    cfg.client_allowed = true;
+    let mut s = Session::new(cfg, "127.0.0.1".parse().unwrap());
+    let ev =
+        s.feed(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\nx\r\n.\r\n");
+    assert!(matches!(ev.last(), Some(Event::Message { .. })), "{ev:?}");
+    // A second complete transaction, then more than the pause buffer holds.
+    let ev = s.feed(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\ny\r\n.\r\n");
+    assert!(ev.is_empty(), "nothing while the store is pending: {ev:?}");
+    let flood = "NOOP\r\n".repeat(300 * 1024 / 6);
+    let ev = s.feed(flood.as_bytes());
+    assert!(ev.is_empty(), "nothing while the store is pending: {ev:?}");
+    let ev = s.message_stored(Ok("Q1"));
+    let text: Vec<String> = ev
+        .iter()
+        .filter_map(|e| match e {
+            Event::Reply(r) => Some(r.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert!(text[0].starts_with("250 2.0.0"), "{text:?}");
+    assert!(text.last().unwrap().starts_with("421 4.7.0"), "{text:?}");
+    assert!(matches!(ev.last(), Some(Event::Close)));
+    assert!(!ev.iter().any(|e| matches!(e, Event::Message { .. })));
+}

@@ -59,6 +59,10 @@ struct Harness {
     auth_failures: usize,
     messages: usize,
     stored: usize,
+    /// `250 2.1.5` replies since the last `250 2.1.0` (MAIL accepted).
+    rcpt_ok: usize,
+    /// A `354` was sent and no message has come of it yet.
+    in_data: bool,
 }
 
 impl Harness {
@@ -95,6 +99,19 @@ impl Harness {
         if r.code == 535 {
             self.auth_failures += 1;
         }
+        let esc = r.enhanced.map(|e| (e.class, e.subject, e.detail));
+        match (r.code, esc) {
+            (250, Some((2, 1, 0))) => {
+                self.rcpt_ok = 0;
+                self.in_data = false;
+            }
+            (250, Some((2, 1, 5))) => self.rcpt_ok += 1,
+            (354, _) => {
+                assert!(self.rcpt_ok > 0, "354 without an accepted recipient");
+                self.in_data = true;
+            }
+            _ => {}
+        }
     }
 
     fn check_message(&mut self, envelope: &InboundEnvelope, body: &[u8]) {
@@ -105,6 +122,13 @@ impl Harness {
         );
         assert_eq!(envelope.authenticated_user, self.auth_user, "AUTH identity");
         assert!(!envelope.recipients.is_empty(), "message without recipients");
+        assert!(self.in_data, "message without a 354");
+        self.in_data = false;
+        assert_eq!(
+            envelope.recipients.len(),
+            self.rcpt_ok,
+            "recipients in the envelope vs 250 2.1.5 replies"
+        );
         assert!(
             envelope.recipients.len() <= self.cfg.max_recipients,
             "{} recipients > max {}",
@@ -267,6 +291,13 @@ impl Harness {
         }
     }
 
+    /// Answers until the session no longer waits (a resumed session may pause again).
+    fn drain(&mut self) {
+        while self.pending != Pending::None && !self.closed {
+            self.answer();
+        }
+    }
+
     fn feed(&mut self, chunk: &[u8]) {
         let events = self.session.feed(chunk);
         self.handle(events, "feed");
@@ -331,6 +362,8 @@ fuzz_target!(|data: &[u8]| {
         auth_failures: 0,
         messages: 0,
         stored: 0,
+        rcpt_ok: 0,
+        in_data: false,
     };
 
     let mut rest = input;
@@ -342,8 +375,10 @@ fuzz_target!(|data: &[u8]| {
         };
         let (chunk, tail) = rest.split_at(size.min(rest.len()));
         rest = tail;
-        if h.pending == Pending::None || !defer {
-            h.answer();
+        if !defer {
+            h.feed(chunk);
+            h.drain();
+        } else if h.pending == Pending::None {
             h.feed(chunk);
         } else if flood && h.pending != Pending::Tls {
             // A driver that keeps reading while the store or AUTH check runs, and a
@@ -362,19 +397,25 @@ fuzz_target!(|data: &[u8]| {
             h.answer();
         }
     }
-    h.answer();
+    h.drain();
     assert!(h.stored <= h.messages);
     assert_eq!(h.session.accepted().len(), h.stored);
 
     // After Close nothing more happens, whatever the driver does.
     if h.closed {
         assert!(h.session.close_reason().is_some());
-        h.handle(h.session.feed(b"NOOP\r\nQUIT\r\n"), "feed after close");
-        h.handle(h.session.message_stored(Ok("X")), "message_stored after close");
-        h.handle(h.session.auth_result(true), "auth_result after close");
+        let events = h.session.feed(b"NOOP\r\nQUIT\r\n");
+        h.handle(events, "feed after close");
+        let events = h.session.message_stored(Ok("X"));
+        h.handle(events, "message_stored after close");
+        let events = h.session.auth_result(true);
+        h.handle(events, "auth_result after close");
         h.session.tls_established();
-        h.handle(h.session.timeout(), "timeout after close");
-        h.handle(h.session.shutdown(), "shutdown after close");
+        assert!(h.session.close_reason().is_some());
+        let events = h.session.timeout();
+        h.handle(events, "timeout after close");
+        let events = h.session.shutdown();
+        h.handle(events, "shutdown after close");
         assert_eq!(h.session.accepted().len(), h.stored);
     } else {
         // A session still open closes on an idle timeout.
