@@ -1046,7 +1046,7 @@ impl Session {
                     reply(
                         501,
                         (5, 5, 4),
-                        format!("Error: duplicate {} parameter", clip(&key)),
+                        format!("Error: duplicate {} parameter", clip(key)),
                     ),
                 );
             }
@@ -1092,7 +1092,7 @@ impl Session {
                         reply(
                             555,
                             (5, 5, 4),
-                            format!("Error: unsupported parameter {}", clip(&key)),
+                            format!("Error: unsupported parameter {}", clip(key)),
                         ),
                     );
                 }
@@ -1169,7 +1169,7 @@ impl Session {
                     reply(
                         501,
                         (5, 5, 4),
-                        format!("Error: duplicate {} parameter", clip(&key)),
+                        format!("Error: duplicate {} parameter", clip(key)),
                     ),
                 );
             }
@@ -1191,7 +1191,7 @@ impl Session {
                         reply(
                             555,
                             (5, 5, 4),
-                            format!("Error: unsupported parameter {}", clip(&key)),
+                            format!("Error: unsupported parameter {}", clip(key)),
                         ),
                     );
                 }
