@@ -210,7 +210,7 @@ pub struct QueueConfig {
     pub lifetime_secs: u64,
     /// Deliveries in flight at once (default 64).
     pub max_concurrency: usize,
-    /// Deliveries in flight per destination domain (default 8).
+    /// Deliveries in flight per destination domain (default 20, as Postfix).
     pub max_per_domain: usize,
 }
 
@@ -220,7 +220,7 @@ impl Default for QueueConfig {
             retry_secs: vec![300, 600, 1200, 2400, 4800, 7200],
             lifetime_secs: 5 * 86_400,
             max_concurrency: 64,
-            max_per_domain: 8,
+            max_per_domain: 20,
         }
     }
 }

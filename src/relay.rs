@@ -274,7 +274,8 @@ impl MessageSink for SpoolSink {
             e.to_string()
         })?;
         tracing::info!(queue_id = %id, from = %envelope.mail_from, rcpts = envelope.recipients.len(), "queued");
-        self.scheduler.wake();
+        let scheduler = self.scheduler.clone();
+        tokio::spawn(async move { scheduler.submit(id).await });
         Ok(id.to_string())
     }
 }

@@ -103,36 +103,48 @@ impl Scheduler {
         let Some(due) = spool_task(move || spool.due(now, 1000)).await else {
             return 0;
         };
+        due.into_iter().map(|msg| self.start(msg, now)).sum()
+    }
+
+    /// Deliver a message just queued, without waiting for the next scan.
+    pub async fn submit(&self, id: QueueId) {
+        let spool = self.inner.spool.clone();
+        if let Some(Some(msg)) = spool_task(move || spool.get(&id)).await {
+            self.start(msg, SystemClock.now());
+        }
+    }
+
+    /// Start one delivery per destination domain of `msg` with due recipients,
+    /// unless that (message, domain) is already in flight.
+    fn start(&self, msg: MessageInfo, now: i64) -> usize {
+        let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for r in msg.due_recipients(now) {
+            groups.entry(r.domain.clone()).or_default().push(r.index);
+        }
+        let msg = Arc::new(msg);
         let mut started = 0;
-        for msg in due {
-            let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-            for r in msg.due_recipients(now) {
-                groups.entry(r.domain.clone()).or_default().push(r.index);
+        for (domain, indices) in groups {
+            let key = (msg.id, domain.clone());
+            if !self
+                .inner
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.clone())
+            {
+                continue;
             }
-            let msg = Arc::new(msg);
-            for (domain, indices) in groups {
-                let key = (msg.id, domain.clone());
-                if !self
-                    .inner
+            started += 1;
+            let this = self.clone();
+            let msg = msg.clone();
+            tokio::spawn(async move {
+                this.deliver_group(&msg, &domain, &indices).await;
+                this.inner
                     .in_flight
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(key.clone())
-                {
-                    continue;
-                }
-                started += 1;
-                let this = self.clone();
-                let msg = msg.clone();
-                tokio::spawn(async move {
-                    this.deliver_group(&msg, &domain, &indices).await;
-                    this.inner
-                        .in_flight
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&key);
-                });
-            }
+                    .remove(&key);
+            });
         }
         started
     }
@@ -158,6 +170,29 @@ impl Scheduler {
         let Ok(_local) = self.domain_semaphore(domain).acquire_owned().await else {
             return;
         };
+        // The due list may be stale: another task can have finished this message
+        // between the query and now. Re-read its state, so a delivered recipient is
+        // never sent twice and a removed message is not touched.
+        let (spool, id) = (self.inner.spool.clone(), msg.id);
+        let Some(Some(current)) = spool_task(move || spool.get(&id)).await else {
+            return;
+        };
+        let now = SystemClock.now();
+        let indices: Vec<usize> = indices
+            .iter()
+            .copied()
+            .filter(|&i| {
+                current
+                    .recipients
+                    .get(i)
+                    .is_some_and(|r| r.is_pending() && r.next_attempt <= now)
+            })
+            .collect();
+        if indices.is_empty() || current.corrupt {
+            return;
+        }
+        let msg = &current;
+        let indices = &indices[..];
         let (spool, id) = (self.inner.spool.clone(), msg.id);
         let Some(body) = spool_task(move || spool.read_body(&id)).await else {
             return;
@@ -267,7 +302,8 @@ impl Scheduler {
         .flatten();
         if let Some(dsn_id) = queued_dsn {
             tracing::info!(queue_id = %msg.id, dsn = %dsn_id, "bounce queued for the sender");
-            self.wake();
+            let this = self.clone();
+            tokio::spawn(async move { this.submit(dsn_id).await });
         }
     }
 

@@ -161,6 +161,11 @@ impl SmtpSink {
         self.shared().messages.clone()
     }
 
+    /// Messages received so far (cheap; for load tests).
+    pub fn message_count(&self) -> usize {
+        self.shared().messages.len()
+    }
+
     /// TCP connections accepted.
     pub fn connections(&self) -> usize {
         self.shared().connections
