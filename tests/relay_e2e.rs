@@ -508,3 +508,47 @@ async fn queue_lifetime_ends_in_a_bounce_to_the_sender() {
     // Every attempt is logged with domain, MX, mode, TLS outcome and result.
     assert!(lab.log().contains("delivery attempt"), "{}", lab.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_messages_reuse_one_verified_connection() {
+    let mut lab = Lab::new(&[38]).await;
+    lab.policy(
+        "reuse.test",
+        "1",
+        "version: STSv1\nmode: enforce\nmx: mx.reuse.test\nmax_age: 86400\n",
+    );
+    let leaf = lab.ca.leaf(&["mx.reuse.test"]);
+    let s = lab
+        .mx(
+            "reuse.test",
+            "mx.reuse.test",
+            38,
+            SinkOptions::tls("mx.reuse.test", leaf.server_config()),
+        )
+        .await;
+    let relay = lab.start_relay("").await;
+    for i in 0..5 {
+        let body = format!("Subject: reuse {i}\r\n\r\nbody {i}\r\n");
+        submit(&relay, "alice@sender.test", &["bob@reuse.test"], &body).await;
+        eventually("delivery", &lab, async || {
+            lab.sinks[s].messages().len() == i + 1
+        })
+        .await;
+    }
+    let msgs = lab.sinks[s].messages();
+    assert!(
+        msgs.iter()
+            .all(|m| m.tls && m.sni.as_deref() == Some("mx.reuse.test"))
+    );
+    assert_eq!(
+        lab.sinks[s].connections(),
+        1,
+        "one TCP+TLS session carried all five"
+    );
+    // Only the new session counts for TLS-RPT (RFC 8460 counts sessions).
+    eventually("session recorded", &lab, async || {
+        !sessions(&lab).await.is_empty()
+    })
+    .await;
+    assert_eq!(sessions(&lab).await.len(), 1);
+}

@@ -755,3 +755,52 @@ async fn async_callers_use_spawn_blocking() {
         .unwrap();
     assert_eq!(due[0].id, id);
 }
+
+#[test]
+fn record_attempts_is_one_transaction_and_removes_when_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    let env = envelope(&["a@x.test", "b@x.test"], 1_000);
+    let id = spool_msg(&spool, b"Subject: t\r\n\r\nbody\r\n", &env);
+    // One delivered, one deferred: nothing removed.
+    let removed = spool
+        .record_attempts(
+            &id,
+            vec![
+                (0, Outcome::Delivered),
+                (
+                    1,
+                    Outcome::Deferred {
+                        reason: "451 later".into(),
+                        next_attempt: 2_000,
+                    },
+                ),
+            ],
+            true,
+        )
+        .unwrap();
+    assert!(!removed);
+    assert!(spool.get(&id).unwrap().is_some());
+    // A final state cannot be recorded again; the whole batch is refused.
+    assert!(
+        spool
+            .record_attempts(
+                &id,
+                vec![(1, Outcome::Delivered), (0, Outcome::Delivered)],
+                true
+            )
+            .is_err()
+    );
+    assert!(
+        spool.get(&id).unwrap().unwrap().recipients[1].is_pending(),
+        "nothing recorded on error"
+    );
+    // The last pending recipient delivered: message and body are gone.
+    assert!(
+        spool
+            .record_attempts(&id, vec![(1, Outcome::Delivered)], true)
+            .unwrap()
+    );
+    assert!(spool.get(&id).unwrap().is_none());
+    assert!(!spool.body_path(&id).exists());
+}

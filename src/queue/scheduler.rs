@@ -275,11 +275,16 @@ impl Scheduler {
         let dsn = self.dsn_for(msg, &failed, now);
         let (hostname, original) = (self.inner.hostname.clone(), msg.envelope.clone());
         let queued_dsn = spool_task(move || {
-            for (i, o) in outcomes {
-                spool.record_attempt(&id, i, o)?;
-            }
             let dsn_id = match dsn {
+                // The common case: record and, when nothing is pending, remove the
+                // message in one transaction.
+                None => {
+                    spool.record_attempts(&id, outcomes, true)?;
+                    None
+                }
+                // A bounce needs the body: record, queue the DSN, then remove.
                 Some((env, failed)) => {
+                    spool.record_attempts(&id, outcomes, false)?;
                     let body = spool.read_body(&id)?;
                     let bytes = build_dsn(
                         &hostname,
@@ -291,11 +296,11 @@ impl Scheduler {
                     );
                     let mut inc = spool.incoming()?;
                     inc.write(&bytes)?;
-                    Some(inc.commit(&env)?)
+                    let dsn_id = inc.commit(&env)?;
+                    spool.remove_if_done(&id)?;
+                    Some(dsn_id)
                 }
-                None => None,
             };
-            spool.remove_if_done(&id)?;
             Ok(dsn_id)
         })
         .await

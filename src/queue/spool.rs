@@ -939,52 +939,95 @@ impl Spool {
         recipient_index: usize,
         outcome: Outcome,
     ) -> Result<(), SpoolError> {
-        let (state, reason, next) = match outcome {
-            Outcome::Delivered => (RcptState::Delivered, None, None),
-            Outcome::Deferred {
-                reason,
-                next_attempt,
-            } => (RcptState::Deferred, Some(reason), Some(next_attempt)),
-            Outcome::Bounced { reason } => (RcptState::Bounced, Some(reason), None),
-        };
+        self.record_attempts(id, vec![(recipient_index, outcome)], false)
+            .map(|_| ())
+    }
+
+    /// Record the outcomes of one delivery attempt for several recipients in one
+    /// transaction (one fsync); with `remove_if_done`, the message is also removed in
+    /// that transaction when no recipient is left pending. Returns whether it was
+    /// removed. Errors as [`Spool::record_attempt`]; on error nothing is recorded.
+    pub fn record_attempts(
+        &self,
+        id: &QueueId,
+        outcomes: Vec<(usize, Outcome)>,
+        remove_if_done: bool,
+    ) -> Result<bool, SpoolError> {
         let path = &self.inner.db_path;
-        let idx = i64::try_from(recipient_index).unwrap_or(i64::MAX);
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db_err("begin transaction", path))?;
-        let changed = tx
-            .execute(
-                "UPDATE recipient
-                 SET state = ?1, attempts = MIN(attempts + 1, 4294967295),
-                     last_reason = ?2, next_attempt = COALESCE(?3, next_attempt)
-                 WHERE message_id = ?4 AND idx = ?5 AND state IN ('queued', 'deferred')",
-                params![state.as_str(), reason, next, id.to_string(), idx],
-            )
-            .map_err(db_err("update recipient", path))?;
-        if changed == 0 {
-            let current: Option<String> = tx
-                .query_row(
-                    "SELECT state FROM recipient WHERE message_id = ?1 AND idx = ?2",
-                    params![id.to_string(), idx],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(db_err("read recipient", path))?;
-            return Err(match current {
-                Some(s) => SpoolError::AlreadyFinal {
-                    id: *id,
-                    index: recipient_index,
-                    state: RcptState::from_db(&s).unwrap_or(RcptState::Bounced),
-                },
-                None if message_exists(&tx, path, id)? => SpoolError::NoSuchRecipient {
-                    id: *id,
-                    index: recipient_index,
-                },
-                None => SpoolError::NotFound(*id),
-            });
+        let removed = {
+            let mut conn = self.conn();
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db_err("begin transaction", path))?;
+            for (recipient_index, outcome) in outcomes {
+                let (state, reason, next) = match outcome {
+                    Outcome::Delivered => (RcptState::Delivered, None, None),
+                    Outcome::Deferred {
+                        reason,
+                        next_attempt,
+                    } => (RcptState::Deferred, Some(reason), Some(next_attempt)),
+                    Outcome::Bounced { reason } => (RcptState::Bounced, Some(reason), None),
+                };
+                let idx = i64::try_from(recipient_index).unwrap_or(i64::MAX);
+                let changed = tx
+                    .execute(
+                        "UPDATE recipient
+                         SET state = ?1, attempts = MIN(attempts + 1, 4294967295),
+                             last_reason = ?2, next_attempt = COALESCE(?3, next_attempt)
+                         WHERE message_id = ?4 AND idx = ?5 AND state IN ('queued', 'deferred')",
+                        params![state.as_str(), reason, next, id.to_string(), idx],
+                    )
+                    .map_err(db_err("update recipient", path))?;
+                if changed == 0 {
+                    let current: Option<String> = tx
+                        .query_row(
+                            "SELECT state FROM recipient WHERE message_id = ?1 AND idx = ?2",
+                            params![id.to_string(), idx],
+                            |r| r.get(0),
+                        )
+                        .optional()
+                        .map_err(db_err("read recipient", path))?;
+                    return Err(match current {
+                        Some(s) => SpoolError::AlreadyFinal {
+                            id: *id,
+                            index: recipient_index,
+                            state: RcptState::from_db(&s).unwrap_or(RcptState::Bounced),
+                        },
+                        None if message_exists(&tx, path, id)? => SpoolError::NoSuchRecipient {
+                            id: *id,
+                            index: recipient_index,
+                        },
+                        None => SpoolError::NotFound(*id),
+                    });
+                }
+            }
+            let mut removed = false;
+            if remove_if_done {
+                let pending: i64 = tx
+                    .query_row(
+                        "SELECT COUNT(*) FROM recipient WHERE message_id = ?1 AND state IN ('queued', 'deferred')",
+                        [id.to_string()],
+                        |r| r.get(0),
+                    )
+                    .map_err(db_err("count pending", path))?;
+                if pending == 0 {
+                    tx.execute(
+                        "DELETE FROM recipient WHERE message_id = ?1",
+                        [id.to_string()],
+                    )
+                    .map_err(db_err("remove delivered message", path))?;
+                    tx.execute("DELETE FROM message WHERE id = ?1", [id.to_string()])
+                        .map_err(db_err("remove delivered message", path))?;
+                    removed = true;
+                }
+            }
+            tx.commit().map_err(db_err("commit attempt", path))?;
+            removed
+        };
+        if removed {
+            self.remove_body(id);
         }
-        tx.commit().map_err(db_err("commit attempt", path))
+        Ok(removed)
     }
 
     /// Make every Queued or Deferred recipient of every non-corrupt message due now
@@ -1074,6 +1117,13 @@ impl Spool {
                 .map_err(db_err(op, path))?;
             tx.commit().map_err(db_err(op, path))?;
         }
+        self.remove_body(id);
+        Ok(true)
+    }
+
+    /// Unlink a removed message's body (its metadata is already gone; a body left
+    /// behind by a crash is set aside as an orphan at the next start).
+    fn remove_body(&self, id: &QueueId) {
         let body = self.body_path(id);
         match fs::remove_file(&body) {
             Ok(()) => {
@@ -1086,7 +1136,6 @@ impl Spool {
                 tracing::warn!(%id, path = %body.display(), error = %e, "cannot remove body of deleted message");
             }
         }
-        Ok(true)
     }
 
     /// Queue totals; see [`QueueCounts`].

@@ -205,6 +205,21 @@ impl Client<TcpStream> {
     }
 }
 
+impl<S: Stream + 'static> Client<S> {
+    /// The same connection behind a trait object, for pooling plaintext and TLS
+    /// sessions together; `None` if the server sent anything unread (such a
+    /// connection is not reused).
+    pub fn boxed(self) -> Option<Client<Box<dyn Stream>>> {
+        if !self.io.buffer().is_empty() {
+            return None;
+        }
+        Some(Client {
+            io: BufReader::new(Box::new(self.io.into_inner()) as Box<dyn Stream>),
+            timeout: self.timeout,
+        })
+    }
+}
+
 impl<S: Stream> Client<S> {
     /// Read one (possibly multi-line) reply.
     pub async fn read_reply(&mut self) -> Result<Reply, SmtpError> {

@@ -2,11 +2,14 @@
 //! hosts, decide each under the domain's MTA-STS policy, connect, secure, transmit,
 //! record the session's TLS outcome (RFC 8461 §5, RFC 5321 §5.1).
 
+mod pool;
+
 use crate::dns::{MxAnswer, Resolver};
 use crate::smtp::outbound::{Client, Reply, SmtpError, Stream};
 use crate::sts::{Engine, Lookup, Mode, MxDecision};
 use crate::tls::{TlsFailure, TrustStore};
 use crate::tlsrpt::{PolicyType, ResultType, SessionFailure, SessionRecorder, SessionResult};
+use pool::{Idle, Key, Pool};
 use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -83,9 +86,10 @@ pub struct Deliverer {
     helo: String,
     connect_timeout: Duration,
     timeout: Duration,
+    pool: Arc<Pool>,
 }
 
-/// The MX a transaction runs on, for logs.
+/// The MX a transaction runs on: for logs and for putting the connection back.
 struct Hop<'a> {
     domain: &'a str,
     host: &'a str,
@@ -93,6 +97,17 @@ struct Hop<'a> {
     mode: Option<Mode>,
     /// `none`, `TLSv1.3 verified`, `TLSv1.3 unverified (certificate-not-trusted)`…
     tls: String,
+    key: Key,
+    /// Transactions this connection has carried before this one.
+    uses: u32,
+}
+
+/// The pool key of `domain` under `lookup`'s policy.
+fn pool_key(domain: &str, lookup: &Lookup) -> Key {
+    Key {
+        domain: domain.to_string(),
+        policy: lookup.policy.as_ref().map(|p| (p.id.clone(), p.fetched_at)),
+    }
 }
 
 /// How a session with one MX address ended.
@@ -122,12 +137,56 @@ impl Deliverer {
             helo: cfg.helo_name(),
             connect_timeout: Duration::from_secs(cfg.delivery.connect_timeout_secs),
             timeout: Duration::from_secs(cfg.delivery.command_timeout_secs),
+            pool: Arc::new(Pool::default()),
         }
     }
 
     /// The policy engine.
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// Idle MX connections kept for reuse.
+    pub fn idle_connections(&self) -> usize {
+        self.pool.len()
+    }
+
+    /// Run `tx` on an idle connection to `domain` established under the same policy,
+    /// after an `RSET` shows it is still alive. `None`: no usable connection.
+    async fn try_reuse(&self, domain: &str, lookup: &Lookup, tx: &Transaction) -> Option<Attempt> {
+        let key = pool_key(domain, lookup);
+        // Bounded: a few stale connections are discarded, then a fresh one is made.
+        for _ in 0..4 {
+            let Idle {
+                mut client,
+                ehlo,
+                host,
+                ip,
+                tls,
+                uses,
+                ..
+            } = self.pool.take(&key)?;
+            if !client.command("RSET").await.is_ok_and(|r| r.is_positive()) {
+                continue;
+            }
+            let hop = Hop {
+                domain,
+                host: &host,
+                ip,
+                mode: lookup.mode(),
+                tls,
+                key: key.clone(),
+                uses,
+            };
+            if let SessionEnd::Done(results) = self.transact(client, &ehlo, &hop, tx).await {
+                return Some(Attempt {
+                    results,
+                    policy_blocked: false,
+                    mode: lookup.mode(),
+                });
+            }
+        }
+        None
     }
 
     /// Deliver `tx` to `domain`: MX hosts in preference order (equal preferences in
@@ -163,6 +222,9 @@ impl Deliverer {
                 }));
             }
         };
+        if let Some(done) = self.try_reuse(domain, &lookup, tx).await {
+            return done;
+        }
         let mut last = format!("451 4.4.1 no MX host of {domain} could be reached");
         let mut policy_blocked = false;
         for host in &hosts {
@@ -295,6 +357,8 @@ impl Deliverer {
                 ip,
                 mode: lookup.mode(),
                 tls: "none".into(),
+                key: pool_key(domain, lookup),
+                uses: 0,
             };
             return self.transact(c, &ehlo, &hop, tx).await;
         }
@@ -338,6 +402,8 @@ impl Deliverer {
                     ip,
                     mode: lookup.mode(),
                     tls: tls_state,
+                    key: pool_key(domain, lookup),
+                    uses: 0,
                 };
                 self.transact(tls, &ehlo, &hop, tx).await
             }
@@ -360,6 +426,8 @@ impl Deliverer {
                     ip,
                     mode: lookup.mode(),
                     tls: format!("none (handshake failed: {})", f.result_type),
+                    key: pool_key(domain, lookup),
+                    uses: 0,
                 };
                 self.plaintext_retry(addr, &hop, tx).await
             }
@@ -393,14 +461,18 @@ impl Deliverer {
     }
 
     /// MAIL, RCPT…, DATA on an established (and, where required, verified) session.
-    async fn transact<S: Stream>(
+    async fn transact<S: Stream + 'static>(
         &self,
         c: Client<S>,
         ehlo: &Reply,
         hop: &Hop<'_>,
         tx: &Transaction,
     ) -> SessionEnd {
-        let end = self.transact_inner(c, ehlo, hop.host, hop.ip, tx).await;
+        let (end, client) = self.transact_inner(c, ehlo, hop.host, hop.ip, tx).await;
+        if let (SessionEnd::Done(_), Some(c)) = (&end, client.and_then(Client::boxed)) {
+            let idle = Idle::new(c, ehlo.clone(), hop.host, hop.ip, &hop.tls, hop.uses + 1);
+            self.pool.put(hop.key.clone(), idle);
+        }
         // One line per attempt: domain, MX, policy mode, TLS outcome, reply.
         let outcome = match &end {
             SessionEnd::Done(results) => results
@@ -415,10 +487,12 @@ impl Deliverer {
             SessionEnd::Next { reason, .. } => format!("failed: {reason}"),
         };
         tracing::info!(domain = %hop.domain, mx = %hop.host, ip = %hop.ip, mode = hop.mode.map(|m| m.as_str()).unwrap_or("none"),
-            tls = %hop.tls, rcpts = tx.recipients.len(), %outcome, "delivery attempt");
+            tls = %hop.tls, reuse = hop.uses, rcpts = tx.recipients.len(), %outcome, "delivery attempt");
         end
     }
 
+    /// The transaction; returns the connection when it is still in a known state
+    /// (every command answered), so it can be reused.
     async fn transact_inner<S: Stream>(
         &self,
         mut c: Client<S>,
@@ -426,16 +500,19 @@ impl Deliverer {
         host: &str,
         ip: IpAddr,
         tx: &Transaction,
-    ) -> SessionEnd {
+    ) -> (SessionEnd, Option<Client<S>>) {
         let said = |r: &Reply| format!("{host}[{ip}] said: {}", r.text());
         if tx.smtputf8 && !ehlo.has_extension("SMTPUTF8") {
             c.quit().await;
-            return SessionEnd::Done(vec![
-                RcptResult::Bounced {
-                    reason: format!("550 5.6.7 {host} does not support SMTPUTF8")
-                };
-                tx.recipients.len()
-            ]);
+            return (
+                SessionEnd::Done(vec![
+                    RcptResult::Bounced {
+                        reason: format!("550 5.6.7 {host} does not support SMTPUTF8")
+                    };
+                    tx.recipients.len()
+                ]),
+                None,
+            );
         }
         let dsn = ehlo.has_extension("DSN");
         let mut mail = format!("MAIL FROM:<{}>", tx.mail_from);
@@ -459,15 +536,18 @@ impl Deliverer {
         let r = match c.command(&mail).await {
             Ok(r) => r,
             Err(e) => {
-                return SessionEnd::Next {
-                    reason: format!("451 4.4.2 {host}[{ip}] MAIL: {e}"),
-                    policy: false,
-                };
+                return (
+                    SessionEnd::Next {
+                        reason: format!("451 4.4.2 {host}[{ip}] MAIL: {e}"),
+                        policy: false,
+                    },
+                    None,
+                );
             }
         };
         if !r.is_positive() {
             c.quit().await;
-            return classify_all(&r, said(&r), tx.recipients.len());
+            return (classify_all(&r, said(&r), tx.recipients.len()), None);
         }
         let mut results: Vec<Option<RcptResult>> = vec![None; tx.recipients.len()];
         let mut accepted = Vec::new();
@@ -488,13 +568,17 @@ impl Deliverer {
                 }
                 Ok(r) => results[i] = Some(RcptResult::Deferred { reason: said(&r) }),
                 Err(e) => {
-                    return SessionEnd::Next {
-                        reason: format!("451 4.4.2 {host}[{ip}] RCPT: {e}"),
-                        policy: false,
-                    };
+                    return (
+                        SessionEnd::Next {
+                            reason: format!("451 4.4.2 {host}[{ip}] RCPT: {e}"),
+                            policy: false,
+                        },
+                        None,
+                    );
                 }
             }
         }
+        let mut clean = true;
         if !accepted.is_empty() {
             let outcome = match c.command("DATA").await {
                 Ok(r) if r.code == 354 => match c.send_data(&tx.body).await {
@@ -502,22 +586,27 @@ impl Deliverer {
                     Ok(r) if r.code >= 500 => RcptResult::Bounced { reason: said(&r) },
                     Ok(r) => RcptResult::Deferred { reason: said(&r) },
                     // The message may or may not have arrived: defer (a delivery may repeat, never vanish).
-                    Err(e) => RcptResult::Deferred {
-                        reason: format!("451 4.4.2 {host}[{ip}] lost during DATA: {e}"),
-                    },
+                    Err(e) => {
+                        clean = false;
+                        RcptResult::Deferred {
+                            reason: format!("451 4.4.2 {host}[{ip}] lost during DATA: {e}"),
+                        }
+                    }
                 },
                 Ok(r) if r.code >= 500 => RcptResult::Bounced { reason: said(&r) },
                 Ok(r) => RcptResult::Deferred { reason: said(&r) },
-                Err(e) => RcptResult::Deferred {
-                    reason: format!("451 4.4.2 {host}[{ip}] DATA: {e}"),
-                },
+                Err(e) => {
+                    clean = false;
+                    RcptResult::Deferred {
+                        reason: format!("451 4.4.2 {host}[{ip}] DATA: {e}"),
+                    }
+                }
             };
             for i in accepted {
                 results[i] = Some(outcome.clone());
             }
         }
-        c.quit().await;
-        SessionEnd::Done(
+        let end = SessionEnd::Done(
             results
                 .into_iter()
                 .map(|r| {
@@ -526,7 +615,8 @@ impl Deliverer {
                     })
                 })
                 .collect(),
-        )
+        );
+        (end, clean.then_some(c))
     }
 
     #[allow(clippy::too_many_arguments)]
