@@ -9,6 +9,27 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// RFC 5321 §4.1.2 `Domain` syntax: dot-separated LDH labels (1-63 octets, starting and
+/// ending with a letter or digit), at most 253 octets; no trailing dot.
+///
+/// ```
+/// assert!(stsrelay::dns::is_ldh_domain("mx1.example.com"));
+/// assert!(!stsrelay::dns::is_ldh_domain("-mx.example.com"));
+/// assert!(!stsrelay::dns::is_ldh_domain("a..b"));
+/// ```
+pub fn is_ldh_domain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            let b = label.as_bytes();
+            !b.is_empty()
+                && b.len() <= 63
+                && b[0].is_ascii_alphanumeric()
+                && b[b.len() - 1].is_ascii_alphanumeric()
+                && b.iter().all(|&c| c.is_ascii_alphanumeric() || c == b'-')
+        })
+}
+
 /// A DNS failure that is not "no such record": SERVFAIL, timeout, refused, bad name.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("DNS lookup of {name} ({rtype}) failed: {reason}")]

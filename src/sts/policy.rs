@@ -1,5 +1,6 @@
 //! The MTA-STS policy file (RFC 8461 §3.2) and MX host matching (§4.1).
 
+use crate::dns::is_ldh_domain;
 use std::fmt;
 
 /// The largest `max_age` RFC 8461 §3.2 allows (365.25 days); larger values are clamped (R25).
@@ -96,20 +97,6 @@ impl fmt::Display for MxPattern {
         }
         f.write_str(&self.domain)
     }
-}
-
-/// RFC 5321 §4.1.2 `Domain`: LDH labels, each starting and ending with a letter or digit.
-fn is_ldh_domain(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|label| {
-            let b = label.as_bytes();
-            !b.is_empty()
-                && b.len() <= 63
-                && b[0].is_ascii_alphanumeric()
-                && b[b.len() - 1].is_ascii_alphanumeric()
-                && b.iter().all(|&c| c.is_ascii_alphanumeric() || c == b'-')
-        })
 }
 
 /// Normalise a host or domain name for comparison and cache keys: lowercase A-labels,

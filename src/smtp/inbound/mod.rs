@@ -760,6 +760,26 @@ impl Session {
         self.run(out);
     }
 
+    /// Parameters of MAIL and RCPT need EHLO, and each may appear once.
+    fn check_param<'k>(&self, seen: &mut Vec<&'k str>, key: &'k str) -> Result<(), Reply> {
+        if !self.esmtp() {
+            return Err(reply(
+                555,
+                (5, 5, 4),
+                "Error: parameters need EHLO, not HELO",
+            ));
+        }
+        if seen.contains(&key) {
+            return Err(reply(
+                501,
+                (5, 5, 4),
+                format!("Error: duplicate {} parameter", clip(key)),
+            ));
+        }
+        seen.push(key);
+        Ok(())
+    }
+
     /// A 4xx/5xx reply to the client's input; counts towards `max_errors`.
     fn error(&mut self, out: &mut Vec<Event>, r: Reply) {
         out.push(Event::Reply(r));
@@ -1033,24 +1053,10 @@ impl Session {
         };
         let mut seen: Vec<&str> = Vec::new();
         for (key, value) in &params {
-            if !self.esmtp() {
-                return self.error(
-                    out,
-                    reply(555, (5, 5, 4), "Error: parameters need EHLO, not HELO"),
-                );
-            }
             let key = key.as_str();
-            if seen.contains(&key) {
-                return self.error(
-                    out,
-                    reply(
-                        501,
-                        (5, 5, 4),
-                        format!("Error: duplicate {} parameter", clip(key)),
-                    ),
-                );
+            if let Err(r) = self.check_param(&mut seen, key) {
+                return self.error(out, r);
             }
-            seen.push(key);
             let bad = || reply(501, (5, 5, 4), format!("Error: bad {key} parameter"));
             match (key, value) {
                 ("SIZE", Some(v)) if is_size(v) => {
@@ -1156,24 +1162,10 @@ impl Session {
         };
         let mut seen: Vec<&str> = Vec::new();
         for (key, value) in &params {
-            if !self.esmtp() {
-                return self.error(
-                    out,
-                    reply(555, (5, 5, 4), "Error: parameters need EHLO, not HELO"),
-                );
-            }
             let key = key.as_str();
-            if seen.contains(&key) {
-                return self.error(
-                    out,
-                    reply(
-                        501,
-                        (5, 5, 4),
-                        format!("Error: duplicate {} parameter", clip(key)),
-                    ),
-                );
+            if let Err(r) = self.check_param(&mut seen, key) {
+                return self.error(out, r);
             }
-            seen.push(key);
             let bad = || reply(501, (5, 5, 4), format!("Error: bad {key} parameter"));
             match (key, value) {
                 ("NOTIFY", Some(v)) => match parse_notify(v) {

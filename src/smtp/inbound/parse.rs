@@ -127,16 +127,7 @@ pub(super) fn is_domain(d: &str) -> bool {
             Err(_) => false,
         };
     }
-    !d.is_empty()
-        && d.len() <= 255
-        && d.split('.').all(|label| {
-            let b = label.as_bytes();
-            !b.is_empty()
-                && b.len() <= 63
-                && b[0].is_ascii_alphanumeric()
-                && b[b.len() - 1].is_ascii_alphanumeric()
-                && b.iter().all(|&c| c.is_ascii_alphanumeric() || c == b'-')
-        })
+    crate::dns::is_ldh_domain(d)
 }
 
 /// `[IPv4]` or `[IPv6:…]` (general address literals are not accepted).
