@@ -552,3 +552,39 @@ async fn consecutive_messages_reuse_one_verified_connection() {
     .await;
     assert_eq!(sessions(&lab).await.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn null_mx_bounces_at_once_and_bounces_are_never_bounced() {
+    let mut lab = Lab::new(&[37]).await;
+    // RFC 7505 null MX: the domain accepts no mail.
+    lab.dns.add_mx("nullmx.test", 0, ".");
+    let s_sender = lab
+        .mx(
+            "sender.test",
+            "mx.sender.test",
+            37,
+            SinkOptions::plain("mx.sender.test"),
+        )
+        .await;
+    let relay = lab.start_relay("").await;
+    submit(&relay, "alice@sender.test", &["bob@nullmx.test"], MSG).await;
+    eventually("the bounce", &lab, async || {
+        !lab.sinks[s_sender].messages().is_empty()
+    })
+    .await;
+    let dsn = String::from_utf8_lossy(&lab.sinks[s_sender].messages()[0].data).into_owned();
+    assert!(dsn.contains("Status: 5.1.10"), "{dsn}");
+    // A message from the null sender (a bounce itself) that fails gets no bounce.
+    submit(&relay, "", &["bob@nullmx.test"], MSG).await;
+    eventually("the null-sender message is gone", &lab, async || {
+        queue_json(&relay).await.as_array().unwrap().is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        lab.sinks[s_sender].messages().len(),
+        1,
+        "no bounce of a bounce"
+    );
+    assert!(lab.log().contains("bounced"), "{}", lab.log());
+}
