@@ -24,6 +24,22 @@ fn spool_msg(spool: &Spool, body: &[u8], env: &Envelope) -> QueueId {
     inc.commit(env).expect("commit")
 }
 
+/// Open the spool as the only user, so recovery runs. Another test in this binary
+/// forks a child process; between fork and exec the child shares every open file
+/// description, including a spool's lock, so an exclusive lock can be refused for a
+/// moment. Retry (bounded) instead of failing on that window.
+fn open_alone(dir: &Path) -> Spool {
+    for _ in 0..200 {
+        let spool = Spool::open(dir).unwrap();
+        if spool.recovery().performed {
+            return spool;
+        }
+        drop(spool);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("the spool lock stayed shared");
+}
+
 fn entries(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = fs::read_dir(dir)
         .unwrap()
@@ -73,7 +89,7 @@ fn commit_then_reopen_keeps_message_and_recipients() {
         inc.commit(&env).unwrap()
     };
 
-    let spool = Spool::open(dir.path()).unwrap();
+    let spool = open_alone(dir.path());
     let rec = spool.recovery();
     assert!(rec.performed);
     assert_eq!(
@@ -620,7 +636,7 @@ fn commit_failure_leaves_nothing_half_acknowledged() {
 #[test]
 fn two_spool_instances_on_one_dir_see_each_others_messages() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Spool::open(dir.path()).unwrap();
+    let relay = open_alone(dir.path());
     assert!(relay.recovery().performed);
 
     // The relay is receiving a message when the CLI opens the spool.
@@ -673,7 +689,7 @@ fn two_spool_instances_on_one_dir_see_each_others_messages() {
 
     // Once both are closed, the next open recovers again.
     drop((relay, cli));
-    let again = Spool::open(dir.path()).unwrap();
+    let again = open_alone(dir.path());
     assert!(again.recovery().performed);
     assert_eq!(again.list().unwrap().len(), 41);
 }
@@ -716,7 +732,7 @@ fn crash_after_commit_keeps_message() {
         .parse()
         .unwrap();
 
-    let spool = Spool::open(dir.path()).unwrap();
+    let spool = open_alone(dir.path());
     let rec = spool.recovery();
     assert!(rec.performed);
     assert_eq!(rec.incoming_removed, 1);
