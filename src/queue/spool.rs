@@ -706,7 +706,8 @@ struct Inner {
     messages: PathBuf,
     corrupt: PathBuf,
     db_path: PathBuf,
-    conn: Mutex<Connection>,
+    conn: Arc<Mutex<Connection>>,
+    writes: super::group_commit::GroupCommit,
     recovery: Recovery,
     /// Holds the shared `flock` for as long as the spool is open.
     _lock: File,
@@ -792,6 +793,13 @@ impl Spool {
             tracing::debug!(spool = %root.display(), "spool open elsewhere; recovery skipped");
         }
 
+        let conn = Arc::new(Mutex::new(conn));
+        let writes = super::group_commit::GroupCommit::start(
+            conn.clone(),
+            db_path.clone(),
+            messages.clone(),
+        )
+        .map_err(io_err("start the spool writer for", &db_path))?;
         Ok(Spool {
             inner: Arc::new(Inner {
                 root,
@@ -799,7 +807,8 @@ impl Spool {
                 messages,
                 corrupt,
                 db_path,
-                conn: Mutex::new(conn),
+                conn,
+                writes,
                 recovery,
                 _lock: lock,
             }),
@@ -953,12 +962,10 @@ impl Spool {
         outcomes: Vec<(usize, Outcome)>,
         remove_if_done: bool,
     ) -> Result<bool, SpoolError> {
-        let path = &self.inner.db_path;
-        let removed = {
-            let mut conn = self.conn();
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(db_err("begin transaction", path))?;
+        let removed_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, path, id_owned) = (removed_flag.clone(), self.inner.db_path.clone(), *id);
+        let work: super::group_commit::Work = Box::new(move |tx| {
+            let (path, id) = (&path, &id_owned);
             for (recipient_index, outcome) in outcomes {
                 let (state, reason, next) = match outcome {
                     Outcome::Delivered => (RcptState::Delivered, None, None),
@@ -993,7 +1000,7 @@ impl Spool {
                             index: recipient_index,
                             state: RcptState::from_db(&s).unwrap_or(RcptState::Bounced),
                         },
-                        None if message_exists(&tx, path, id)? => SpoolError::NoSuchRecipient {
+                        None if message_exists(tx, path, id)? => SpoolError::NoSuchRecipient {
                             id: *id,
                             index: recipient_index,
                         },
@@ -1001,7 +1008,6 @@ impl Spool {
                     });
                 }
             }
-            let mut removed = false;
             if remove_if_done {
                 let pending: i64 = tx
                     .query_row(
@@ -1018,12 +1024,13 @@ impl Spool {
                     .map_err(db_err("remove delivered message", path))?;
                     tx.execute("DELETE FROM message WHERE id = ?1", [id.to_string()])
                         .map_err(db_err("remove delivered message", path))?;
-                    removed = true;
+                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
             }
-            tx.commit().map_err(db_err("commit attempt", path))?;
-            removed
-        };
+            Ok(())
+        });
+        self.inner.writes.run(false, work)?;
+        let removed = removed_flag.load(std::sync::atomic::Ordering::Relaxed);
         if removed {
             self.remove_body(id);
         }
@@ -1125,12 +1132,10 @@ impl Spool {
     /// behind by a crash is set aside as an orphan at the next start).
     fn remove_body(&self, id: &QueueId) {
         let body = self.body_path(id);
+        // No directory fsync: if a power loss undoes the unlink, the body comes back
+        // without metadata and recovery sets it aside; no message can reappear.
         match fs::remove_file(&body) {
-            Ok(()) => {
-                if let Err(e) = sync_dir(&self.inner.messages) {
-                    tracing::debug!(error = %e, "fsync after delete failed");
-                }
-            }
+            Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
                 tracing::warn!(%id, path = %body.display(), error = %e, "cannot remove body of deleted message");
@@ -1437,11 +1442,17 @@ impl Incoming {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(io_err("move body to", &dest)(e)),
             };
-            if let Err(e) = sync_dir(&inner.messages) {
-                discard(&dest);
-                return Err(io_err("fsync directory", &inner.messages)(e));
-            }
-            if let Err(e) = insert_message(&spool, &id, envelope, &json, self.len) {
+            // The directory fsync and the metadata insert are shared with every
+            // message committed at the same moment (group commit).
+            let (path, env, json, size) = (
+                inner.db_path.clone(),
+                envelope.clone(),
+                json.clone(),
+                self.len,
+            );
+            let work: super::group_commit::Work =
+                Box::new(move |c| insert_rows(c, &path, &id, &env, &json, size));
+            if let Err(e) = inner.writes.run(true, work) {
                 discard(&dest);
                 return Err(e);
             }
@@ -1475,19 +1486,16 @@ impl Drop for Incoming {
     }
 }
 
-fn insert_message(
-    spool: &Spool,
+/// Insert a message and its recipients (inside the group commit's transaction).
+fn insert_rows(
+    tx: &Connection,
+    path: &Path,
     id: &QueueId,
     envelope: &Envelope,
     json: &str,
     size: u64,
 ) -> Result<(), SpoolError> {
-    let path = &spool.inner.db_path;
     let id = id.to_string();
-    let mut conn = spool.conn();
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(db_err("begin transaction", path))?;
     tx.execute(
         "INSERT INTO message (id, envelope, received_at, body_size, corrupt)
          VALUES (?1, ?2, ?3, ?4, 0)",
@@ -1517,7 +1525,7 @@ fn insert_message(
             .map_err(db_err("insert recipient", path))?;
         }
     }
-    tx.commit().map_err(db_err("commit message", path))
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------
@@ -1586,7 +1594,7 @@ fn create_new_private(path: &Path) -> io::Result<File> {
 }
 
 /// fsync a directory so that names created in it survive a crash.
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     #[cfg(unix)]
     {
         File::open(dir)?.sync_all()
