@@ -224,6 +224,9 @@ async fn accept_loop(listener: TcpListener, opts: Arc<SinkOptions>, shared: Arc<
             continue;
         };
         shared.lock().unwrap().connections += 1;
+        // Replies go out as soon as they are written (no Nagle delay behind a
+        // delayed ACK when the client pipelines).
+        let _ = tcp.set_nodelay(true);
         tokio::spawn(connection(tcp, opts.clone(), shared.clone()));
     }
 }
