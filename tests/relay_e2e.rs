@@ -5,11 +5,10 @@
 
 mod common;
 
-use common::relay::{Lab, eventually, ip, queue_json, submit};
+use common::relay::{Lab, connect, eventually, ip, queue_json, submit};
 use common::smtp::SinkOptions;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
-use stsrelay::smtp::outbound::Client;
 
 /// TLS session results the relay stored, read from its data dir.
 async fn sessions(lab: &Lab) -> Vec<stsrelay::tlsrpt::SessionResult> {
@@ -317,13 +316,7 @@ async fn clients_outside_server_allow_cannot_relay() {
     let lab = Lab::new(&[48]).await;
     let relay = lab.start_relay("allow = [\"127.0.0.48/32\"]\n").await;
     // From 127.0.0.1 (not allowed): every recipient form is refused.
-    let (mut c, _) = Client::connect(
-        relay.listen,
-        Duration::from_secs(5),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    let mut c = connect(&relay).await;
     c.ehlo("client.test").await.unwrap();
     assert!(
         c.command("MAIL FROM:<a@sender.test>")
@@ -403,13 +396,7 @@ async fn auth_plain_over_starttls_lets_an_outside_client_relay() {
         ))
         .await;
     let trust = stsrelay::tls::TrustStore::new(&[lab.ca.write_ca_pem(lab.dir.path())]).unwrap();
-    let (mut c, _) = Client::connect(
-        relay.listen,
-        Duration::from_secs(5),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    let mut c = connect(&relay).await;
     let ehlo = c.ehlo("client.test").await.unwrap();
     assert!(!ehlo.has_extension("AUTH"), "no AUTH before TLS");
     assert!(ehlo.has_extension("STARTTLS"));

@@ -134,15 +134,21 @@ impl Lab {
     }
 }
 
-/// Submit one message; returns the final reply to DATA.
-pub async fn submit(relay: &Relay, from: &str, to: &[&str], body: &str) -> String {
-    let (mut c, _) = Client::connect(
+/// A plaintext SMTP client connection to the relay (greeting read).
+pub async fn connect(relay: &Relay) -> Client<tokio::net::TcpStream> {
+    let (c, _) = Client::connect(
         relay.listen,
         Duration::from_secs(5),
         Duration::from_secs(10),
     )
     .await
     .unwrap();
+    c
+}
+
+/// Submit one message; returns the final reply to DATA.
+pub async fn submit(relay: &Relay, from: &str, to: &[&str], body: &str) -> String {
+    let mut c = connect(relay).await;
     c.ehlo("client.test").await.unwrap();
     assert!(
         c.command(&format!("MAIL FROM:<{from}>"))

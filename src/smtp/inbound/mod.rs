@@ -531,6 +531,14 @@ pub struct Session {
     accepted: Vec<String>,
 }
 
+/// `501` for a bad MAIL (`5.1.7`, sender) or RCPT (`5.1.3`, recipient) path.
+fn path_error(e: AddrError, detail: u16, what: &str) -> Reply {
+    match e {
+        AddrError::TooLong => reply(501, (5, 1, detail), "Error: path too long"),
+        AddrError::Syntax => reply(501, (5, 1, detail), format!("Bad {what} address syntax")),
+    }
+}
+
 /// A client-supplied word as echoed in a reply: at most 64 characters, so replies stay
 /// within RFC 5321's 512-octet line limit.
 fn clip(word: &str) -> String {
@@ -1027,19 +1035,11 @@ impl Session {
         } else {
             match parse_path(inner) {
                 Ok(m) => m,
-                Err(AddrError::TooLong) => {
-                    return self.error(out, reply(501, (5, 1, 7), "Error: path too long"));
-                }
-                Err(AddrError::Syntax) => {
-                    return self.error(out, reply(501, (5, 1, 7), "Bad sender address syntax"));
-                }
+                Err(e) => return self.error(out, path_error(e, 7, "sender")),
             }
         };
-        let params = match parse_params(params) {
-            Ok(p) => p,
-            Err(()) => {
-                return self.error(out, reply(501, (5, 5, 4), "Error: bad parameter syntax"));
-            }
+        let Ok(params) = parse_params(params) else {
+            return self.error(out, reply(501, (5, 5, 4), "Error: bad parameter syntax"));
         };
         let mut txn = Transaction {
             mail_from,
@@ -1142,18 +1142,10 @@ impl Session {
         };
         let address = match parse_path(inner) {
             Ok(m) => m,
-            Err(AddrError::TooLong) => {
-                return self.error(out, reply(501, (5, 1, 3), "Error: path too long"));
-            }
-            Err(AddrError::Syntax) => {
-                return self.error(out, reply(501, (5, 1, 3), "Bad recipient address syntax"));
-            }
+            Err(e) => return self.error(out, path_error(e, 3, "recipient")),
         };
-        let params = match parse_params(params) {
-            Ok(p) => p,
-            Err(()) => {
-                return self.error(out, reply(501, (5, 5, 4), "Error: bad parameter syntax"));
-            }
+        let Ok(params) = parse_params(params) else {
+            return self.error(out, reply(501, (5, 5, 4), "Error: bad parameter syntax"));
         };
         let mut rcpt = Recipient {
             address,
