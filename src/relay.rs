@@ -158,6 +158,8 @@ impl Relay {
                     continue;
                 }
             };
+            // Replies go out as soon as they are written (one write per pipelined batch).
+            let _ = stream.set_nodelay(true);
             let cfg = self.session_config(peer.ip());
             let (sink, tls, users) = (sink.clone(), self.tls.clone(), self.users.clone());
             tokio::spawn(async move {

@@ -222,7 +222,8 @@ impl Scheduler {
         };
         let attempt = self.inner.deliverer.attempt(domain, &tx).await;
         let now = SystemClock.now();
-        let expired = now - msg.received_at >= self.inner.cfg.lifetime_secs as i64;
+        // Whole seconds on both sides: `>` makes sure a full lifetime has passed.
+        let expired = now - msg.received_at > self.inner.cfg.lifetime_secs as i64;
         let mut retry_now = false;
         if attempt.policy_blocked {
             // R50/R51: enforce failures are temporary; look for a new policy before the

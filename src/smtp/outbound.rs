@@ -123,6 +123,11 @@ impl Client<TcpStream> {
                 addr,
                 reason: e.to_string(),
             })?;
+        // Commands are small writes answered by the peer; without this, Nagle holds a write
+        // back until the previous one is acknowledged, and delayed ACK makes that 40 ms.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(%addr, error = %e, "TCP_NODELAY not set");
+        }
         let mut c = Client {
             io: BufReader::new(tcp),
             timeout,
@@ -258,12 +263,12 @@ impl<S: Stream> Client<S> {
     /// Send the message after a `354` to DATA: lines end in CRLF, lines starting with
     /// `.` are dot-stuffed (RFC 5321 §4.5.2), then `CRLF.CRLF`; returns the final reply.
     pub async fn send_data(&mut self, body: &[u8]) -> Result<Reply, SmtpError> {
-        let stuffed = dot_stuff(body);
+        let mut stuffed = dot_stuff(body);
+        stuffed.extend_from_slice(b".\r\n");
         tokio::time::timeout(self.timeout, async {
             for chunk in stuffed.chunks(64 * 1024) {
                 self.io.get_mut().write_all(chunk).await?;
             }
-            self.io.get_mut().write_all(b".\r\n").await?;
             self.io.get_mut().flush().await?;
             Ok::<_, SmtpError>(())
         })
