@@ -56,6 +56,9 @@ pub struct Config {
     pub server: ServerConfig,
     /// `[queue]`
     pub queue: QueueConfig,
+    /// `[socketmap]`: the Postfix TLS-policy server; present = run it inside
+    /// `stsrelay run`.
+    pub socketmap: Option<crate::socketmap::SocketmapConfig>,
     #[serde(skip)]
     source: Option<PathBuf>,
 }
@@ -320,6 +323,11 @@ impl Config {
         if self.delivery.connect_timeout_secs == 0 || self.delivery.command_timeout_secs == 0 {
             return invalid("delivery.connect_timeout_secs", "timeouts must be positive");
         }
+        if let Some(sm) = &self.socketmap
+            && let Err((key, message)) = sm.validate()
+        {
+            return invalid(key, &message);
+        }
         Ok(())
     }
 
@@ -440,5 +448,37 @@ mod example_file {
         assert_eq!(c.dns_timeout(), d.dns_timeout());
         assert_eq!(format!("{:?}", c.server), format!("{:?}", d.server));
         assert_eq!(format!("{:?}", c.queue), format!("{:?}", d.queue));
+        assert_eq!(
+            c.socketmap, None,
+            "[socketmap] is commented out: present = enabled"
+        );
+    }
+
+    /// The commented `[socketmap]` block, uncommented, is exactly the defaults.
+    #[test]
+    fn config_example_socketmap_block_is_the_defaults() {
+        let text = include_str!("../config.example.toml");
+        let start = text.find("# [socketmap]").expect("socketmap block");
+        let block: String = text[start..]
+            .lines()
+            .take_while(|l| l.starts_with('#'))
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| {
+                l.starts_with('[') || l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' '))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = super::Config::from_toml(&block).unwrap();
+        let sm = c.socketmap.expect("section parsed");
+        let mut d = crate::socketmap::SocketmapConfig::default();
+        // The example also shows one zone.
+        d.zones.insert(
+            "strict".into(),
+            crate::socketmap::ZoneConfig {
+                strict_testing: true,
+                ..Default::default()
+            },
+        );
+        assert_eq!(sm, d, "{block}");
     }
 }

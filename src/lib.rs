@@ -29,6 +29,7 @@ pub mod dns;
 pub mod queue;
 pub mod relay;
 pub mod smtp;
+pub mod socketmap;
 pub mod store;
 pub mod sts;
 pub mod tls;

@@ -24,6 +24,10 @@ enum Command {
     /// Run the relay: accept mail on `server.listen`, spool it, deliver it under the
     /// recipients' MTA-STS policies.
     Run,
+    /// Run only the Postfix socketmap TLS-policy server (`[socketmap]`, or its defaults:
+    /// 127.0.0.1:8461), on the policy cache in `storage.data_dir`. Postfix:
+    /// `smtp_tls_policy_maps = socketmap:inet:127.0.0.1:8461:postfix`.
+    Socketmap,
     /// Inspect or act on the queue of a relay using the same `storage.data_dir`.
     Queue {
         #[command(subcommand)]
@@ -117,6 +121,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { domain, json } => rt.block_on(check(&cfg, &domain, json)),
         Command::Run => rt.block_on(run(cfg)),
+        Command::Socketmap => rt.block_on(socketmap(cfg)),
         Command::Queue { action } => queue(&cfg, action),
         Command::Auth {
             action: AuthAction::Hash,
@@ -145,6 +150,22 @@ fn main() -> ExitCode {
 async fn run(cfg: Config) -> ExitCode {
     tokio::select! {
         r = stsrelay::relay::run(cfg) => match r {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("stsrelay: {e}");
+                ExitCode::from(if e.is_config() { EX_CONFIG } else { EX_TEMPFAIL })
+            }
+        },
+        _ = shutdown_signal() => {
+            tracing::info!("stopping");
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+async fn socketmap(cfg: Config) -> ExitCode {
+    tokio::select! {
+        r = stsrelay::socketmap::run(&cfg) => match r {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("stsrelay: {e}");

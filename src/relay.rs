@@ -36,6 +36,9 @@ pub enum RelayError {
         /// Error.
         source: std::io::Error,
     },
+    /// The `[socketmap]` listeners could not be set up.
+    #[error("{0}")]
+    Socketmap(String),
 }
 
 impl RelayError {
@@ -53,6 +56,7 @@ pub struct Relay {
     engine: Engine,
     tls: Option<tokio_rustls::TlsAcceptor>,
     users: Option<UserFile>,
+    socketmap: Option<crate::socketmap::Server>,
 }
 
 fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> RelayError + '_ {
@@ -81,6 +85,10 @@ impl Relay {
         )
         .options(EngineOptions::from_config(&cfg))
         .build();
+        // The socketmap server answers from the same engine (cache and store).
+        let socketmap = cfg.socketmap.clone().map(|sm| {
+            crate::socketmap::Server::new(engine.clone(), Arc::new(resolver.clone()), sm)
+        });
         let deliverer = Arc::new(Deliverer::new(
             &cfg,
             engine.clone(),
@@ -104,6 +112,7 @@ impl Relay {
             engine,
             tls,
             users,
+            socketmap,
         })
     }
 
@@ -117,8 +126,9 @@ impl Relay {
         &self.scheduler
     }
 
-    /// Bind `server.listen` and serve until the returned future is dropped: accepts
-    /// clients, spools their mail and delivers it.
+    /// Bind `server.listen` (and the `[socketmap]` listeners, if configured) and serve
+    /// until the returned future is dropped: accepts clients, spools their mail and
+    /// delivers it; answers Postfix's TLS-policy queries.
     pub async fn run(self) -> Result<(), RelayError> {
         let listener = TcpListener::bind(self.cfg.server.listen)
             .await
@@ -126,6 +136,16 @@ impl Relay {
                 addr: self.cfg.server.listen,
                 source,
             })?;
+        let _socketmap = match &self.socketmap {
+            Some(server) => {
+                let listeners = server.bind().await.map_err(|e| match e {
+                    crate::socketmap::SocketmapError::Setup(m) => RelayError::Setup(m),
+                    other => RelayError::Socketmap(other.to_string()),
+                })?;
+                Some(AbortOnDrop(tokio::spawn(server.clone().serve(listeners))))
+            }
+            None => None,
+        };
         self.serve(listener).await
     }
 

@@ -1,0 +1,78 @@
+//! The Postfix socketmap TLS-policy server: a drop-in for postfix-mta-sts-resolver
+//! (PMSR) that answers from stsrelay's MTA-STS engine (same cache and store as the
+//! relay).
+//!
+//! Postfix (`main.cf`):
+//!
+//! ```text
+//! smtp_tls_policy_maps = socketmap:inet:127.0.0.1:8461:postfix
+//! ```
+//!
+//! Each request is a netstring `NAME KEY`; the reply is a netstring:
+//! - `OK secure match=NAME[:NAME…] servername=hostname` when an `enforce` policy (or a
+//!   `testing` one in a `strict_testing` zone) governs the key's domain; see
+//!   [`reply`] for how wildcard patterns become names;
+//! - `NOTFOUND ` for no policy, `mode: none`, `testing`, a failed fetch without a cached
+//!   policy, keys starting with `.`, IP literals and other non-domains;
+//! - `TEMP reason` when an enforced policy permits none of the domain's MX hosts (or
+//!   they cannot be resolved for a wildcard pattern): Postfix defers.
+//!
+//! Parts: [`netstring`] (framing), [`request`] (`NAME KEY`, key normalisation),
+//! [`reply`] (decisions and rendering), [`server`] (listeners and connections),
+//! [`zones`] (the `[socketmap]` config).
+
+pub mod netstring;
+pub mod reply;
+pub mod request;
+pub mod server;
+pub mod zones;
+
+pub use reply::{Decision, MAX_REPLY, Reply, decide, match_names, needs_mx_hosts, secure_reply};
+pub use request::{Key, Request, normalize_key};
+pub use server::{Listeners, MxLookup, Server, SocketmapStats};
+pub use zones::{SocketmapConfig, ZoneConfig};
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Why the socketmap server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketmapError {
+    /// A part could not be set up (the message names the part and config key).
+    #[error("{0}")]
+    Setup(String),
+    /// A TCP address could not be bound.
+    #[error("cannot listen on {addr} (socketmap.listen): {source}")]
+    Listen {
+        /// Address.
+        addr: String,
+        /// Error.
+        source: std::io::Error,
+    },
+    /// The unix socket could not be set up.
+    #[error("socketmap.unix_path {}: {message}", .path.display())]
+    Unix {
+        /// The socket path.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl SocketmapError {
+    /// Is this a configuration problem (exit 78) rather than a temporary one (75)?
+    pub fn is_config(&self) -> bool {
+        matches!(self, SocketmapError::Setup(_))
+    }
+}
+
+/// `stsrelay socketmap`: the server alone, with its own engine on `storage.data_dir`
+/// (the relay's store, so both share fetched policies on disk) and proactive refresh.
+pub async fn run(cfg: &crate::Config) -> Result<(), SocketmapError> {
+    let server = Server::from_config(cfg)?;
+    let listeners = server.bind().await?;
+    let refresher = server.engine().spawn_refresher(Duration::from_secs(3600));
+    server.serve(listeners).await;
+    refresher.abort();
+    Ok(())
+}
