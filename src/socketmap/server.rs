@@ -21,6 +21,14 @@ use tokio::time::Instant;
 /// Bytes read from a connection at a time.
 const CHUNK: usize = 4096;
 
+/// How long a domain's MX host list is reused. Short DNS TTLs would otherwise put a
+/// DNS round trip on Postfix's path. Safe: only names the policy permits are ever
+/// rendered, so a stale list can only leave out a new MX (Postfix defers to it) or
+/// keep a removed one that the policy still permits.
+const MX_CACHE: Duration = Duration::from_secs(60);
+/// Most MX lists kept; past it the cache starts over.
+const MX_CACHE_ENTRIES: usize = 100_000;
+
 /// MX lookups, the one DNS query the socketmap makes itself (to render wildcard
 /// patterns). [`Resolver`] implements it; tests and embedders may supply their own.
 #[async_trait::async_trait]
@@ -96,6 +104,7 @@ pub struct Server {
 struct Shared {
     engine: Engine,
     mx: Arc<dyn MxLookup>,
+    mx_cache: std::sync::RwLock<std::collections::HashMap<String, (Instant, Arc<[String]>)>>,
     cfg: SocketmapConfig,
     stats: SocketmapStats,
 }
@@ -133,6 +142,7 @@ impl Server {
             inner: Arc::new(Shared {
                 engine,
                 mx,
+                mx_cache: Default::default(),
                 cfg,
                 stats: SocketmapStats::default(),
             }),
@@ -214,12 +224,10 @@ impl Server {
         let (hosts, dns_error) = if !needs_mx_hosts(policy) {
             (None, None)
         } else if bracketed {
-            (Some(vec![domain.clone()]), None)
+            (Some(Arc::from(vec![domain.clone()])), None)
         } else {
-            match s.mx.mx(&domain).await {
-                Ok(MxAnswer::Hosts(v)) => (Some(v.into_iter().map(|m| m.host).collect()), None),
-                Ok(MxAnswer::Implicit) => (Some(vec![domain.clone()]), None),
-                Ok(MxAnswer::Null | MxAnswer::NxDomain) => (Some(vec![]), None),
+            match self.mx_hosts(&domain).await {
+                Ok(hosts) => (Some(hosts), None),
                 Err(e) => (None, Some(e)),
             }
         };
@@ -244,6 +252,33 @@ impl Server {
         let reply = secure_reply(&domain, policy, &names, zone);
         tracing::debug!(%domain, reply = %reply.text(), "socketmap: secure");
         reply
+    }
+
+    /// The MX host names of `domain` (the domain itself without MX records, none for a
+    /// null MX or NXDOMAIN), reused for [`MX_CACHE`].
+    async fn mx_hosts(&self, domain: &str) -> Result<Arc<[String]>, DnsError> {
+        let s = &self.inner;
+        let now = Instant::now();
+        if let Some((at, hosts)) = s
+            .mx_cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(domain)
+            && now.duration_since(*at) < MX_CACHE
+        {
+            return Ok(hosts.clone());
+        }
+        let hosts: Arc<[String]> = match s.mx.mx(domain).await? {
+            MxAnswer::Hosts(v) => v.into_iter().map(|m| m.host).collect(),
+            MxAnswer::Implicit => Arc::from(vec![domain.to_string()]),
+            MxAnswer::Null | MxAnswer::NxDomain => Arc::from(Vec::new()),
+        };
+        let mut cache = s.mx_cache.write().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= MX_CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(domain.to_string(), (now, hosts.clone()));
+        Ok(hosts)
     }
 
     /// Bind the configured TCP addresses and unix socket.
