@@ -50,7 +50,7 @@ pub struct Frame {
 ///
 /// ```
 /// use stsrelay::socketmap::netstring::{decode, FrameError};
-/// let buf = b"12:postfix a.b,5:x";
+/// let buf = b"11:postfix a.b,5:x";
 /// let f = decode(buf, 1024).unwrap().unwrap();
 /// assert_eq!(&buf[f.payload.clone()], b"postfix a.b");
 /// assert_eq!(decode(&buf[f.consumed..], 1024), Ok(None)); // "5:x" is incomplete

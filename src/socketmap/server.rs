@@ -29,6 +29,9 @@ const MX_CACHE: Duration = Duration::from_secs(60);
 /// Most MX lists kept; past it the cache starts over.
 const MX_CACHE_ENTRIES: usize = 100_000;
 
+/// Domain -> (when looked up, MX host names).
+type MxCache = std::sync::RwLock<std::collections::HashMap<String, (Instant, Arc<[String]>)>>;
+
 /// MX lookups, the one DNS query the socketmap makes itself (to render wildcard
 /// patterns). [`Resolver`] implements it; tests and embedders may supply their own.
 #[async_trait::async_trait]
@@ -104,7 +107,7 @@ pub struct Server {
 struct Shared {
     engine: Engine,
     mx: Arc<dyn MxLookup>,
-    mx_cache: std::sync::RwLock<std::collections::HashMap<String, (Instant, Arc<[String]>)>>,
+    mx_cache: MxCache,
     cfg: SocketmapConfig,
     stats: SocketmapStats,
 }
