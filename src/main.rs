@@ -148,28 +148,25 @@ fn main() -> ExitCode {
 }
 
 async fn run(cfg: Config) -> ExitCode {
-    tokio::select! {
-        r = stsrelay::relay::run(cfg) => match r {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("stsrelay: {e}");
-                ExitCode::from(if e.is_config() { EX_CONFIG } else { EX_TEMPFAIL })
-            }
-        },
-        _ = shutdown_signal() => {
-            tracing::info!("stopping");
-            ExitCode::SUCCESS
-        }
-    }
+    until_signal(stsrelay::relay::run(cfg), |e| e.is_config()).await
 }
 
 async fn socketmap(cfg: Config) -> ExitCode {
+    until_signal(stsrelay::socketmap::run(&cfg), |e| e.is_config()).await
+}
+
+/// Run a daemon until it fails (78 for configuration errors, 75 otherwise) or a signal
+/// stops it (0).
+async fn until_signal<E: std::fmt::Display>(
+    daemon: impl std::future::Future<Output = Result<(), E>>,
+    is_config: impl Fn(&E) -> bool,
+) -> ExitCode {
     tokio::select! {
-        r = stsrelay::socketmap::run(&cfg) => match r {
+        r = daemon => match r {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("stsrelay: {e}");
-                ExitCode::from(if e.is_config() { EX_CONFIG } else { EX_TEMPFAIL })
+                ExitCode::from(if is_config(&e) { EX_CONFIG } else { EX_TEMPFAIL })
             }
         },
         _ = shutdown_signal() => {

@@ -37,6 +37,8 @@ fn scenarios(lab: &Lab) {
     lab.host
         .serve("mta-sts.broken.test", Behaviour::status(404, "gone"));
     lab.dns.add_mx("nopolicy.test", 10, "mx.nopolicy.test");
+    lab.policy("sfail.test", "1", WILD);
+    lab.dns.set_servfail("sfail.test", true); // its MX lookup fails
 }
 
 /// (request, expected reply) in the order sent.
@@ -67,6 +69,7 @@ fn expectations() -> Vec<(&'static str, &'static str)> {
             "postfix deep.test",
             "TEMP no MX host of deep.test is permitted by its MTA-STS policy",
         ),
+        ("postfix sfail.test", "TEMP MX lookup of sfail.test failed"),
         ("postfix .wild.test", "NOTFOUND "),
         ("postfix [127.0.0.1]", "NOTFOUND "),
         ("postfix 127.0.0.1", "NOTFOUND "),
@@ -381,6 +384,17 @@ async fn inside_run_the_relay_and_the_socketmap_share_one_engine() {
     drop(relay);
 }
 
+/// `stsrelay socketmap` with a config that makes it exit at once.
+async fn socketmap_exit(config: &std::path::Path) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_stsrelay"))
+        .arg("--config")
+        .arg(config)
+        .arg("socketmap")
+        .output()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_socketmap_config_is_a_config_error() {
     let lab = Lab::new(&[20]).await;
@@ -391,13 +405,7 @@ async fn bad_socketmap_config_is_a_config_error() {
         ("[socketmap.zones.x]\nstrict = true\n", "strict"),
     ] {
         std::fs::write(&config, text).unwrap();
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_stsrelay"))
-            .arg("--config")
-            .arg(&config)
-            .arg("socketmap")
-            .output()
-            .await
-            .unwrap();
+        let out = socketmap_exit(&config).await;
         assert_eq!(out.status.code(), Some(78), "{text}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(key), "{err}");
@@ -413,13 +421,7 @@ async fn bad_socketmap_config_is_a_config_error() {
         ),
     )
     .unwrap();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_stsrelay"))
-        .arg("--config")
-        .arg(&config)
-        .arg("socketmap")
-        .output()
-        .await
-        .unwrap();
+    let out = socketmap_exit(&config).await;
     assert_eq!(out.status.code(), Some(75));
     assert!(String::from_utf8_lossy(&out.stderr).contains("socketmap.listen"));
 }

@@ -312,48 +312,35 @@ impl Server {
             if let Ok(addr) = l.local_addr() {
                 tracing::info!(%addr, "socketmap listening");
             }
-            let (this, limit) = (self.clone(), limit.clone());
-            tasks.spawn(async move {
-                loop {
-                    let Ok(permit) = limit.clone().acquire_owned().await else {
-                        return;
-                    };
-                    match l.accept().await {
-                        Ok((stream, peer)) => {
-                            let _ = stream.set_nodelay(true);
-                            let this = this.clone();
-                            tokio::spawn(async move {
-                                this.connection(stream, &peer.to_string()).await;
-                                drop(permit);
-                            });
-                        }
-                        Err(e) => accept_failed(e).await,
-                    }
-                }
-            });
+            tasks.spawn(self.clone().accept_loop(l, limit.clone()));
         }
         if let Some(l) = listeners.unix {
             tracing::info!(path = ?self.inner.cfg.unix_path, "socketmap listening");
-            let (this, limit) = (self.clone(), limit.clone());
-            tasks.spawn(async move {
-                loop {
-                    let Ok(permit) = limit.clone().acquire_owned().await else {
-                        return;
-                    };
-                    match l.accept().await {
-                        Ok((stream, _)) => {
-                            let this = this.clone();
-                            tokio::spawn(async move {
-                                this.connection(stream, "unix").await;
-                                drop(permit);
-                            });
-                        }
-                        Err(e) => accept_failed(e).await,
-                    }
-                }
-            });
+            tasks.spawn(self.clone().accept_loop(l, limit.clone()));
         }
         while tasks.join_next().await.is_some() {}
+    }
+
+    /// Accept connections while a connection slot is free; one task per connection.
+    async fn accept_loop<L: Accept>(self, listener: L, limit: Arc<Semaphore>) {
+        loop {
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                return;
+            };
+            match listener.accept_one().await {
+                Ok((stream, peer)) => {
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        this.connection(stream, &peer).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "socketmap: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
     }
 
     /// Serve one connection: requests are answered in order; several may be in one
@@ -430,9 +417,31 @@ impl Server {
     }
 }
 
-async fn accept_failed(e: std::io::Error) {
-    tracing::warn!(error = %e, "socketmap: accept failed");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+/// A listener the server accepts from: TCP (with `TCP_NODELAY`, so each reply goes out
+/// at once) or a unix socket.
+trait Accept: Send + Sync + 'static {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The next connection and a name of its peer for logs.
+    fn accept_one(
+        &self,
+    ) -> impl std::future::Future<Output = std::io::Result<(Self::Stream, String)>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_one(&self) -> std::io::Result<(Self::Stream, String)> {
+        let (stream, peer) = self.accept().await?;
+        let _ = stream.set_nodelay(true);
+        Ok((stream, peer.to_string()))
+    }
+}
+
+impl Accept for UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_one(&self) -> std::io::Result<(Self::Stream, String)> {
+        let (stream, _) = self.accept().await?;
+        Ok((stream, "unix".to_string()))
+    }
 }
 
 /// Bind a unix socket at `path` (replacing a stale socket, never another file), with
