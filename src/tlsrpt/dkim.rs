@@ -202,7 +202,9 @@ impl DkimKey {
     /// The TXT record to publish at `<selector>._domainkey.<domain>` for this key:
     /// `v=DKIM1; k=rsa|ed25519; s=email:tlsrpt; p=<base64>` (for RSA `p=` is the
     /// SubjectPublicKeyInfo, as `openssl pkey -pubout` writes it; for Ed25519 the raw 32
-    /// bytes, RFC 8463). `s=email:tlsrpt` keeps ordinary verifiers working (R84).
+    /// bytes, RFC 8463). `s=email:tlsrpt` keeps ordinary verifiers working (R84) — but
+    /// note that dkimpy 1.1.8 mis-parses that colon list and then fails the signature; it
+    /// verifies with no `s=` (or `s=*`).
     pub fn dns_txt_record(&self) -> String {
         let (k, p) = match &self.inner {
             KeyInner::Rsa(key) => ("rsa", rsa_spki(&key.public_key())),
@@ -557,6 +559,13 @@ mod tests {
             assert!(!dbg.contains(&line[..16]), "{dbg}");
         }
         assert!(dbg.len() < 200, "{dbg}");
+    }
+
+    #[test]
+    fn key_can_be_shared_between_tasks() {
+        fn assert_send_sync<T: Send + Sync + 'static>() {}
+        assert_send_sync::<DkimKey>();
+        assert_send_sync::<DkimSigning>();
     }
 
     #[test]
