@@ -122,7 +122,8 @@ impl fmt::Debug for DkimKey {
 
 impl DkimKey {
     /// Loads a key from PEM text. The first private key section is used (a file may hold
-    /// other sections, e.g. parameters, before it).
+    /// other sections, e.g. parameters, before it). RSA keys must have 2048 to 8192 bits
+    /// (what mail-auth's aws-lc-rs backend signs with).
     ///
     /// # Errors
     /// [`DkimKeyError::NotPem`] for text without PEM, [`DkimKeyError::NotPrivateKey`] for a
@@ -260,9 +261,20 @@ impl DkimKey {
     }
 
     fn rsa(der: PrivateKeyDer<'_>) -> Result<DkimKey, DkimKeyError> {
-        let key = RsaKey::<Sha256>::from_key_der(der).map_err(|e| DkimKeyError::BadKey {
-            kind: "RSA",
-            reason: e.to_string(),
+        let key = RsaKey::<Sha256>::from_key_der(der).map_err(|e| {
+            let reason = e.to_string();
+            // aws-lc-rs signs with 2048..=8192-bit RSA keys only.
+            let reason = if reason.ends_with("TooSmall") {
+                "too small: RSA keys need at least 2048 bits".to_string()
+            } else if reason.ends_with("TooLarge") {
+                "too large: RSA keys can have at most 8192 bits".to_string()
+            } else {
+                reason
+            };
+            DkimKeyError::BadKey {
+                kind: "RSA",
+                reason,
+            }
         })?;
         Ok(DkimKey {
             inner: KeyInner::Rsa(key),
@@ -528,15 +540,17 @@ mod tests {
     }
 
     #[test]
-    fn small_rsa_key_is_reported() {
-        // 1024-bit keys: whatever the backend decides, no panic, and if refused, as BadKey.
-        match DkimKey::from_pem(&fixture("rsa1024-pkcs1.pem")) {
-            Ok(k) => assert_eq!(k.algorithm(), "rsa-sha256"),
-            Err(e) => assert!(
-                matches!(e, DkimKeyError::BadKey { kind: "RSA", .. }),
-                "{e:?}"
-            ),
-        }
+    fn small_rsa_key_is_refused_clearly() {
+        // The aws-lc-rs backend of mail-auth refuses RSA keys under 2048 bits.
+        let err = DkimKey::from_pem(&fixture("rsa1024-pkcs1.pem")).unwrap_err();
+        assert!(
+            matches!(&err, DkimKeyError::BadKey { kind: "RSA", reason } if reason.contains("2048")),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "bad RSA key: too small: RSA keys need at least 2048 bits"
+        );
     }
 
     #[test]
