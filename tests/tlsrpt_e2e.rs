@@ -432,3 +432,56 @@ async fn tls_required_no_overrides_an_unmet_enforce_policy_only_for_that_message
     .await;
     assert_eq!(lab.sinks[s].messages().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_policy_fetch_is_counted_with_its_result_type() {
+    let mut lab = Lab::new(&[65]).await;
+    // A TXT record, but the policy host answers 404: no policy applies (nothing cached),
+    // the mail goes out opportunistically, and the fetch failure is counted (R55).
+    lab.policy(
+        "nofetch.test",
+        "1",
+        "version: STSv1\nmode: enforce\nmx: mx.nofetch.test\nmax_age: 86400\n",
+    );
+    lab.host
+        .serve("mta-sts.nofetch.test", Behaviour::status(404, "gone"));
+    let leaf = lab.ca.leaf(&["mx.nofetch.test"]);
+    let s = lab
+        .mx(
+            "nofetch.test",
+            "mx.nofetch.test",
+            65,
+            SinkOptions::tls("mx.nofetch.test", leaf.server_config()),
+        )
+        .await;
+    let relay = lab.start_relay("").await;
+    submit(&relay, "alice@sender.test", &["bob@nofetch.test"], MSG).await;
+    eventually("delivered", &lab, async || {
+        lab.sinks[s].messages().len() == 1
+    })
+    .await;
+    eventually("the fetch failure counted", &lab, async || {
+        counts(&lab, "nofetch.test").await.iter().any(|(k, n)| {
+            *n == 1
+                && k.policy.policy_type == stsrelay::tlsrpt::PolicyType::Sts
+                && k.policy.policy_strings.is_empty()
+                && k.failure.as_ref().is_some_and(|f| {
+                    f.result_type == stsrelay::ResultType::StsPolicyFetchError
+                        && f.receiving_mx_hostname.is_none()
+                        && f.failure_reason_code
+                            .as_deref()
+                            .is_some_and(|c| c.contains("404"))
+                })
+        })
+    })
+    .await;
+    // The TLS session itself counts as a success under no policy (R69).
+    assert!(
+        counts(&lab, "nofetch.test").await.iter().any(|(k, _)| {
+            k.policy.policy_type == stsrelay::tlsrpt::PolicyType::NoPolicyFound
+                && k.failure.is_none()
+        }),
+        "{:?}",
+        counts(&lab, "nofetch.test").await
+    );
+}

@@ -655,7 +655,8 @@ impl Deliverer {
             sending_ip: None,
             failure: Some(SessionFailure {
                 result_type: e.result_type,
-                reason_code: e.result_type.as_str().to_string(),
+                // `failure-reason-code` is short text: the start of the reason.
+                reason_code: e.reason.chars().take(120).collect(),
             }),
         });
     }
