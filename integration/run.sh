@@ -14,6 +14,7 @@ command -v knotd >/dev/null || need+=(knot)
 command -v nginx >/dev/null || need+=(nginx)
 command -v postfix >/dev/null || need+=(postfix)
 /usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || need+=(python3-aiosmtpd)
+/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 command -v ip >/dev/null || need+=(iproute2)
 command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
@@ -40,7 +41,7 @@ trap cleanup EXIT
 ip netns add "$NS"
 ip netns exec "$NS" ip link set lo up
 # Each peer's own address (Postfix insists that inet_interfaces are configured addresses).
-for last in 25 26 27 28 29 30 31 53 80; do ip netns exec "$NS" ip addr add "127.0.0.$last/32" dev lo; done
+for last in 25 26 27 28 29 30 31 53 80 81; do ip netns exec "$NS" ip addr add "127.0.0.$last/32" dev lo; done
 inns() { ip netns exec "$NS" "$@"; }
 
 # Wait (bounded) until something listens on proto/addr:port inside the namespace.
@@ -302,8 +303,10 @@ hostname = "relay.sender.test"
 [queue]
 retry_secs = [2]
 CFG
-RUST_LOG=stsrelay=debug inns "$BIN" --config "$W/relay.toml" run >"$W/relay.log" 2>&1 &
-pids+=($!)
+# Not through `inns` (a shell function, so $! would be a subshell): $! is the relay itself.
+RUST_LOG=stsrelay=debug ip netns exec "$NS" "$BIN" --config "$W/relay.toml" run >"$W/relay.log" 2>&1 &
+RELAY_PID=$!
+pids+=($RELAY_PID)
 wait_listen t 127.0.0.1:2525
 
 # --- scenarios ----------------------------------------------------------------------
@@ -411,6 +414,9 @@ else echo "ok   expired_mx_got_nothing"; passed=$((passed+1)); fi
 if grep -q "integration bob@bad.test" "$W"/sink-127.0.0.2[678].eml 2>/dev/null; then
   echo "FAIL enforce_never_delivers_to_bad_mx"; failed=$((failed+1))
 else echo "ok   enforce_never_delivers_to_bad_mx"; passed=$((passed+1)); fi
+
+# --- TLS-RPT reports: parsedmarc and dkimpy read what the relay sent -----------------
+source "$HERE/tlsrpt.sh"
 
 source "$HERE/socketmap.sh"
 

@@ -59,6 +59,8 @@ pub struct Config {
     /// `[socketmap]`: the Postfix TLS-policy server; present = run it inside
     /// `stsrelay run`.
     pub socketmap: Option<crate::socketmap::SocketmapConfig>,
+    /// `[tlsrpt]`
+    pub tlsrpt: TlsRptConfig,
     #[serde(skip)]
     source: Option<PathBuf>,
 }
@@ -228,6 +230,96 @@ impl Default for QueueConfig {
     }
 }
 
+/// `[tlsrpt]`: daily TLS-RPT reports (RFC 8460). Sessions are always counted; reports
+/// are generated and sent only when `enabled`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsRptConfig {
+    /// Send daily reports (default false: they need an identity and a DKIM key).
+    pub enabled: bool,
+    /// `organization-name` in every report.
+    pub organization_name: String,
+    /// `contact-info` in every report: an e-mail address (RFC 5322 addr-spec).
+    pub contact_info: String,
+    /// The submitter domain (file names, `TLS-Report-Submitter`, Subject). Default: the
+    /// domain of `contact_info`.
+    pub submitter: Option<String>,
+    /// Sender of report e-mails (envelope and `From:`); never null. Default:
+    /// `tlsrpt-noreply@<submitter>`.
+    pub mail_from: Option<String>,
+    /// DKIM `d=`. Default: the submitter domain.
+    pub dkim_domain: Option<String>,
+    /// DKIM `s=` (default `tlsrpt`).
+    pub dkim_selector: String,
+    /// DKIM private key, PEM: PKCS#8 (`openssl genpkey`, RSA or Ed25519) or PKCS#1 RSA.
+    /// Without it no e-mail reports are sent (RFC 8460 §3 requires a signature); HTTPS
+    /// reports still are.
+    pub dkim_key_file: Option<PathBuf>,
+    /// Reports for a day are made after 00:00 UTC plus a random delay of up to this many
+    /// seconds (default 4 h, as RFC 8460 §4.1 suggests).
+    pub send_delay_max_secs: u64,
+    /// Time limit of one HTTPS report upload, seconds (default 10).
+    pub https_timeout_secs: u64,
+    /// First wait before retrying a failed HTTPS upload, seconds; doubles each time
+    /// (default 300).
+    pub https_retry_secs: u64,
+    /// Give up on a report this long after its first attempt, seconds (default 24 h,
+    /// RFC 8460 §5.5).
+    pub give_up_secs: u64,
+    /// Keep session counters and sent reports this many days (default 14).
+    pub keep_days: u32,
+}
+
+impl Default for TlsRptConfig {
+    fn default() -> Self {
+        TlsRptConfig {
+            enabled: false,
+            organization_name: String::new(),
+            contact_info: String::new(),
+            submitter: None,
+            mail_from: None,
+            dkim_domain: None,
+            dkim_selector: "tlsrpt".to_string(),
+            dkim_key_file: None,
+            send_delay_max_secs: 4 * 3600,
+            https_timeout_secs: 10,
+            https_retry_secs: 300,
+            give_up_secs: 86_400,
+            keep_days: 14,
+        }
+    }
+}
+
+impl TlsRptConfig {
+    /// The submitter domain: `submitter`, or the domain of `contact_info`.
+    pub fn submitter_domain(&self) -> String {
+        self.submitter
+            .clone()
+            .or_else(|| {
+                self.contact_info
+                    .rsplit_once('@')
+                    .map(|(_, d)| d.to_string())
+            })
+            .unwrap_or_default()
+            .trim_end_matches('.')
+            .to_ascii_lowercase()
+    }
+
+    /// The reverse path and `From:` of report e-mails.
+    pub fn sender(&self) -> String {
+        self.mail_from
+            .clone()
+            .unwrap_or_else(|| format!("tlsrpt-noreply@{}", self.submitter_domain()))
+    }
+
+    /// DKIM `d=`.
+    pub fn dkim_signing_domain(&self) -> String {
+        self.dkim_domain
+            .clone()
+            .unwrap_or_else(|| self.submitter_domain())
+    }
+}
+
 impl Config {
     /// Read and validate a TOML file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -328,6 +420,34 @@ impl Config {
         {
             return invalid(key, &message);
         }
+        let r = &self.tlsrpt;
+        if r.enabled {
+            if r.organization_name.trim().is_empty() {
+                return invalid(
+                    "tlsrpt.organization_name",
+                    "required when reports are enabled",
+                );
+            }
+            let addr_ok = r
+                .contact_info
+                .rsplit_once('@')
+                .is_some_and(|(l, d)| !l.is_empty() && crate::dns::is_ldh_domain(d));
+            if !addr_ok {
+                return invalid(
+                    "tlsrpt.contact_info",
+                    "must be an e-mail address such as tlsrpt@example.com",
+                );
+            }
+            if !crate::dns::is_ldh_domain(&r.submitter_domain()) {
+                return invalid("tlsrpt.submitter", "must be a domain name");
+            }
+        }
+        if r.https_timeout_secs == 0 || r.https_retry_secs == 0 {
+            return invalid("tlsrpt.https_timeout_secs", "must be positive");
+        }
+        if r.give_up_secs == 0 || r.keep_days == 0 {
+            return invalid("tlsrpt.give_up_secs", "must be positive");
+        }
         Ok(())
     }
 
@@ -426,6 +546,27 @@ mod tests {
     }
 
     #[test]
+    fn tlsrpt_needs_an_identity_when_enabled() {
+        let e = Config::from_toml("[tlsrpt]\nenabled = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tlsrpt.organization_name"), "{e}");
+        let e = Config::from_toml(
+            "[tlsrpt]\nenabled = true\norganization_name = \"X\"\ncontact_info = \"nobody\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("tlsrpt.contact_info"), "{e}");
+        let c = Config::from_toml(
+            "[tlsrpt]\nenabled = true\norganization_name = \"X\"\ncontact_info = \"r@Mail.Example.COM\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.tlsrpt.submitter_domain(), "mail.example.com");
+        assert_eq!(c.tlsrpt.sender(), "tlsrpt-noreply@mail.example.com");
+        assert_eq!(c.tlsrpt.dkim_signing_domain(), "mail.example.com");
+    }
+
+    #[test]
     fn file_errors_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
@@ -448,6 +589,7 @@ mod example_file {
         assert_eq!(c.dns_timeout(), d.dns_timeout());
         assert_eq!(format!("{:?}", c.server), format!("{:?}", d.server));
         assert_eq!(format!("{:?}", c.queue), format!("{:?}", d.queue));
+        assert_eq!(format!("{:?}", c.tlsrpt), format!("{:?}", d.tlsrpt));
         assert_eq!(
             c.socketmap, None,
             "[socketmap] is commented out: present = enabled"

@@ -33,6 +33,12 @@ enum Command {
         #[command(subcommand)]
         action: QueueAction,
     },
+    /// TLS-RPT reports (RFC 8460) from the sessions counted by a relay with the same
+    /// `storage.data_dir`.
+    Report {
+        #[command(subcommand)]
+        action: ReportAction,
+    },
     /// SMTP AUTH helpers.
     Auth {
         #[command(subcommand)]
@@ -68,6 +74,30 @@ enum QueueAction {
     Delete {
         /// Queue id.
         id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReportAction {
+    /// Print the JSON reports a day would produce (one per policy domain with sessions).
+    Preview {
+        /// UTC day, YYYY-MM-DD (default: yesterday; today gives the day so far).
+        #[arg(long)]
+        day: Option<String>,
+        /// Only this policy domain.
+        #[arg(long)]
+        domain: Option<String>,
+    },
+    /// Make a day's reports now and send them: e-mail goes through the spool (a running
+    /// relay delivers it within seconds), HTTPS is posted at once and retried by the
+    /// relay. Each (domain, day, rua) is sent once, ever.
+    Send {
+        /// UTC day, YYYY-MM-DD (today is allowed: its report ends now).
+        #[arg(long)]
+        day: String,
+        /// Only this policy domain.
+        #[arg(long)]
+        domain: Option<String>,
     },
 }
 
@@ -123,6 +153,7 @@ fn main() -> ExitCode {
         Command::Run => rt.block_on(run(cfg)),
         Command::Socketmap => rt.block_on(socketmap(cfg)),
         Command::Queue { action } => queue(&cfg, action),
+        Command::Report { action } => rt.block_on(report(&cfg, action)),
         Command::Auth {
             action: AuthAction::Hash,
         } => {
@@ -174,6 +205,124 @@ async fn until_signal<E: std::fmt::Display>(
             ExitCode::SUCCESS
         }
     }
+}
+
+async fn report(cfg: &Config, action: ReportAction) -> ExitCode {
+    use stsrelay::tlsrpt::Day;
+    let parse_day = |d: Option<&str>| -> Result<Day, ExitCode> {
+        match d {
+            None => Ok(Day::of(stsrelay::clock::Clock::now(&stsrelay::clock::SystemClock)).prev()),
+            Some(d) => d.parse::<Day>().map_err(|e| {
+                eprintln!("stsrelay: --day: {e}");
+                ExitCode::from(2)
+            }),
+        }
+    };
+    let (day, domain, send) = match &action {
+        ReportAction::Preview { day, domain } => (parse_day(day.as_deref()), domain, false),
+        ReportAction::Send { day, domain } => (parse_day(Some(day)), domain, true),
+    };
+    let day = match day {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    if send && !cfg.tlsrpt.enabled {
+        eprintln!(
+            "stsrelay: reports are off (tlsrpt.enabled = false{})",
+            cfg.source()
+                .map(|p| format!(" in {}", p.display()))
+                .unwrap_or_default()
+        );
+        return ExitCode::from(EX_CONFIG);
+    }
+    let service = match report_service(cfg) {
+        Ok(s) => s,
+        Err((code, e)) => {
+            eprintln!("stsrelay: {e}");
+            return ExitCode::from(code);
+        }
+    };
+    let result = if send {
+        send_reports(&service, day, domain.as_deref()).await
+    } else {
+        service
+            .preview(day, domain.as_deref())
+            .await
+            .map(|reports| {
+                for (r, rec) in reports {
+                    match serde_json::to_string_pretty(&r) {
+                        Ok(json) => println!("{json}"),
+                        Err(e) => eprintln!("stsrelay: {e}"),
+                    }
+                    let domain = &r.policies[0].policy.policy_domain;
+                    match rec {
+                        Some(rec) => eprintln!(
+                            "{domain}: would go to {}",
+                            rec.rua
+                                .iter()
+                                .map(|u| u.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                        None => eprintln!("{domain}: publishes no usable TLS-RPT record: not sent"),
+                    }
+                }
+            })
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stsrelay: {e}");
+            ExitCode::from(match e {
+                stsrelay::tlsrpt::ReportError::FutureDay(_) => 2,
+                stsrelay::tlsrpt::ReportError::Setup(_) => EX_CONFIG,
+                _ => EX_TEMPFAIL,
+            })
+        }
+    }
+}
+
+fn report_service(cfg: &Config) -> Result<stsrelay::tlsrpt::ReportService, (u8, String)> {
+    use std::sync::Arc;
+    let store = stsrelay::store::SqliteStore::open(&cfg.storage.data_dir)
+        .map_err(|e| (EX_TEMPFAIL, e.to_string()))?;
+    let spool = stsrelay::queue::spool::Spool::open(&cfg.storage.data_dir)
+        .map_err(|e| (EX_TEMPFAIL, e.to_string()))?;
+    let resolver = stsrelay::dns::Resolver::from_config(cfg)
+        .map_err(|e| (EX_CONFIG, format!("dns.nameservers: {e}")))?;
+    let trust =
+        stsrelay::tls::TrustStore::from_config(cfg).map_err(|e| (EX_CONFIG, e.to_string()))?;
+    stsrelay::tlsrpt::ReportService::new(cfg, Arc::new(store), resolver, &trust, spool)
+        .map_err(|e| (EX_CONFIG, e.to_string()))
+}
+
+async fn send_reports(
+    service: &stsrelay::tlsrpt::ReportService,
+    day: stsrelay::tlsrpt::Day,
+    domain: Option<&str>,
+) -> Result<(), stsrelay::tlsrpt::ReportError> {
+    for g in service.generate(day, domain).await? {
+        println!(
+            "{}: {}{}",
+            g.domain,
+            g.report_id
+                .as_deref()
+                .map(|id| format!("report {id}, {} new destination(s)", g.new_rows))
+                .unwrap_or_else(|| "no report".into()),
+            g.note.map(|n| format!(" ({n})")).unwrap_or_default()
+        );
+    }
+    for row in service.deliver_due().await? {
+        println!(
+            "{} {} -> {}: {} ({})",
+            row.policy_domain,
+            row.day,
+            row.rua,
+            row.state.as_str(),
+            row.last_result.unwrap_or_default()
+        );
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

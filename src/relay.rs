@@ -11,7 +11,7 @@ use crate::smtp::inbound::{self, InboundEnvelope, MessageSink, SessionConfig};
 use crate::store::SqliteStore;
 use crate::sts::{Engine, EngineOptions, FetchOptions, HttpsFetcher};
 use crate::tls::TrustStore;
-use crate::tlsrpt::{SessionRecorder, StoreRecorder};
+use crate::tlsrpt::{ReportService, SessionRecorder, StoreRecorder};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::sync::Arc;
@@ -57,6 +57,7 @@ pub struct Relay {
     tls: Option<tokio_rustls::TlsAcceptor>,
     users: Option<UserFile>,
     socketmap: Option<crate::socketmap::Server>,
+    reports: Option<Arc<ReportService>>,
 }
 
 fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> RelayError + '_ {
@@ -78,13 +79,18 @@ impl Relay {
             .map_err(setup("policy fetcher"))?;
         let store = SqliteStore::open(&cfg.storage.data_dir)
             .map_err(setup("policy store (storage.data_dir)"))?;
-        let engine = Engine::builder(
-            Arc::new(resolver.clone()),
-            Arc::new(fetcher),
-            Arc::new(store),
-        )
-        .options(EngineOptions::from_config(&cfg))
-        .build();
+        let store = Arc::new(store);
+        let engine = Engine::builder(Arc::new(resolver.clone()), Arc::new(fetcher), store.clone())
+            .options(EngineOptions::from_config(&cfg))
+            .build();
+        let reports = if cfg.tlsrpt.enabled {
+            Some(
+                ReportService::new(&cfg, store, resolver.clone(), &trust, spool.clone())
+                    .map_err(setup("TLS-RPT reports"))?,
+            )
+        } else {
+            None
+        };
         // The socketmap server answers from the same engine (cache and store).
         let socketmap = cfg.socketmap.clone().map(|sm| {
             crate::socketmap::Server::new(engine.clone(), Arc::new(resolver.clone()), sm)
@@ -97,6 +103,13 @@ impl Relay {
             recorder,
         ));
         let scheduler = Scheduler::new(spool.clone(), deliverer, &cfg.queue, cfg.server_hostname());
+        let reports = reports.map(|r| {
+            let s = scheduler.clone();
+            Arc::new(r.on_spooled(Arc::new(move |id| {
+                let s = s.clone();
+                tokio::spawn(async move { s.submit(id).await });
+            })))
+        });
         let tls = match (&cfg.server.tls_cert, &cfg.server.tls_key) {
             (Some(cert), Some(key)) => Some(acceptor(cert, key)?),
             _ => None,
@@ -113,6 +126,7 @@ impl Relay {
             tls,
             users,
             socketmap,
+            reports,
         })
     }
 
@@ -160,6 +174,10 @@ impl Relay {
             self.scheduler.clone().run(Duration::from_secs(1)),
         ));
         let _refresh = AbortOnDrop(self.engine.spawn_refresher(Duration::from_secs(3600)));
+        let _reports = self
+            .reports
+            .clone()
+            .map(|r| AbortOnDrop(tokio::spawn(r.run())));
         let sink = Arc::new(SpoolSink {
             spool: self.spool.clone(),
             scheduler: self.scheduler.clone(),
@@ -242,7 +260,7 @@ struct SpoolSink {
 }
 
 /// The spool's envelope for an accepted message.
-fn spool_envelope(e: &InboundEnvelope) -> Envelope {
+fn spool_envelope(e: &InboundEnvelope, body: &[u8]) -> Envelope {
     Envelope {
         mail_from: e.mail_from.clone(),
         recipients: e
@@ -275,13 +293,15 @@ fn spool_envelope(e: &InboundEnvelope) -> Envelope {
         client_ip: Some(e.peer_ip),
         helo: Some(e.helo.clone()),
         received_at: crate::clock::Clock::now(&crate::clock::SystemClock),
+        tls_optional: crate::smtp::says_tls_not_required(body),
+        tlsrpt_exempt: false,
     }
 }
 
 #[async_trait::async_trait]
 impl MessageSink for SpoolSink {
     async fn store(&self, envelope: &InboundEnvelope, body: &[u8]) -> Result<String, String> {
-        let env = spool_envelope(envelope);
+        let env = spool_envelope(envelope, body);
         let body = body.to_vec();
         let spool = self.spool.clone();
         let id = tokio::task::spawn_blocking(move || {
@@ -306,6 +326,6 @@ impl MessageSink for SpoolSink {
 pub async fn run(cfg: Config) -> Result<(), RelayError> {
     let store = SqliteStore::open(&cfg.storage.data_dir)
         .map_err(setup("session store (storage.data_dir)"))?;
-    let recorder = Arc::new(StoreRecorder::spawn(store));
+    let recorder = Arc::new(StoreRecorder::spawn(Arc::new(store)));
     Relay::new(cfg, recorder).await?.run().await
 }

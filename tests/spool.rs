@@ -77,6 +77,8 @@ fn commit_then_reopen_keeps_message_and_recipients() {
         client_ip: Some("192.0.2.7".parse().unwrap()),
         helo: Some("client.test".into()),
         received_at: T0,
+        tls_optional: true,
+        tlsrpt_exempt: true,
     };
     let body = b"From: <>\r\nSubject: x\r\n\r\nbody\r\n".repeat(5000);
     let id = {

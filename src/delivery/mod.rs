@@ -43,6 +43,11 @@ pub struct Transaction {
     pub ret: Option<String>,
     /// `ENVID=` to pass on (xtext-encoded).
     pub envid: Option<String>,
+    /// The message says `TLS-Required: No` (RFC 8689): deliver it whatever the recipient
+    /// domain's MTA-STS policy says, with opportunistic STARTTLS (R85, R115).
+    pub tls_optional: bool,
+    /// The message is a TLS-RPT report: its sessions are not counted (R67).
+    pub tlsrpt_exempt: bool,
 }
 
 /// The result for one recipient.
@@ -214,14 +219,25 @@ impl Deliverer {
                 }));
             }
         };
-        let lookup = match self.engine.policy(domain).await {
-            Ok(l) => l,
-            Err(e) => {
-                return self.finished(all(RcptResult::Bounced {
-                    reason: format!("550 5.1.2 {e}"),
-                }));
+        let lookup = if tx.tls_optional {
+            Lookup::without_policy()
+        } else {
+            match self.engine.policy(domain).await {
+                Ok(l) => l,
+                Err(e) => {
+                    return self.finished(all(RcptResult::Bounced {
+                        reason: format!("550 5.1.2 {e}"),
+                    }));
+                }
             }
         };
+        if let Some(e) = &lookup.fetch_error
+            && !tx.tlsrpt_exempt
+        {
+            // R55: a failed policy fetch is reported as its own failure, under the
+            // cached policy if one still applies.
+            self.record_fetch_failure(domain, &lookup, e);
+        }
         if let Some(done) = self.try_reuse(domain, &lookup, tx).await {
             return done;
         }
@@ -231,7 +247,8 @@ impl Deliverer {
             let decision = lookup.check_mx(host);
             if !decision.may_deliver() {
                 // R42: not even a connection to an MX outside an enforce policy.
-                self.record(
+                self.record_unless(
+                    tx.tlsrpt_exempt,
                     domain,
                     &lookup,
                     host,
@@ -321,7 +338,8 @@ impl Deliverer {
             Err(e) => return next(format!("451 4.4.2 {host}[{ip}] EHLO: {e}")),
         };
         let record = |failure: Option<SessionFailure>| {
-            self.record(
+            self.record_unless(
+                tx.tlsrpt_exempt,
                 domain,
                 lookup,
                 host,
@@ -619,9 +637,34 @@ impl Deliverer {
         (end, clean.then_some(c))
     }
 
+    /// Record a failed policy fetch (no MX, no connection).
+    fn record_fetch_failure(&self, domain: &str, lookup: &Lookup, e: &crate::sts::FetchError) {
+        let (policy_strings, mx_host_patterns) = match &lookup.policy {
+            Some(p) => (p.policy.lines.clone(), patterns(lookup)),
+            None => (vec![], vec![]),
+        };
+        self.recorder.record(SessionResult {
+            at: crate::clock::Clock::now(&crate::clock::SystemClock),
+            policy_domain: domain.to_string(),
+            policy_type: PolicyType::Sts,
+            policy_strings,
+            mx_host_patterns,
+            receiving_mx_hostname: String::new(),
+            receiving_ip: None,
+            receiving_mx_helo: None,
+            sending_ip: None,
+            failure: Some(SessionFailure {
+                result_type: e.result_type,
+                // `failure-reason-code` is short text: the start of the reason.
+                reason_code: e.reason.chars().take(120).collect(),
+            }),
+        });
+    }
+
     #[allow(clippy::too_many_arguments)]
-    fn record(
+    fn record_unless(
         &self,
+        exempt: bool,
         domain: &str,
         lookup: &Lookup,
         host: &str,
@@ -630,6 +673,9 @@ impl Deliverer {
         sending_ip: Option<IpAddr>,
         failure: Option<SessionFailure>,
     ) {
+        if exempt {
+            return;
+        }
         let (policy_type, policy_strings, mx_host_patterns) = match (&lookup.policy, lookup.mode())
         {
             (Some(p), Some(_)) => (PolicyType::Sts, p.policy.lines.clone(), patterns(lookup)),

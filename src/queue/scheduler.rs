@@ -219,6 +219,8 @@ impl Scheduler {
                 Ret::Hdrs => "HDRS".to_string(),
             }),
             envid: env.envid.as_deref().map(crate::smtp::inbound::xtext_encode),
+            tls_optional: env.tls_optional,
+            tlsrpt_exempt: env.tlsrpt_exempt,
         };
         let attempt = self.inner.deliverer.attempt(domain, &tx).await;
         let now = SystemClock.now();

@@ -515,6 +515,10 @@ pub struct Envelope {
     pub helo: Option<String>,
     /// When the message was received, in Unix seconds.
     pub received_at: i64,
+    /// The message says `TLS-Required: No` (RFC 8689): TLS policies do not stop it.
+    pub tls_optional: bool,
+    /// A TLS-RPT report made by this relay: its sessions are not counted (R67).
+    pub tlsrpt_exempt: bool,
 }
 
 /// The lower-cased part after the last `@`, or `""` if there is none.

@@ -1,5 +1,6 @@
 //! Persistence behind one trait, so the embedded SQLite store and a shared store for
-//! several nodes are interchangeable. So far it holds MTA-STS policies.
+//! several nodes are interchangeable: MTA-STS policies ([`PolicyStore`]) and TLS-RPT
+//! counters and the report ledger ([`ReportStore`]).
 
 mod memory;
 mod sqlite;
@@ -8,6 +9,7 @@ pub use memory::MemoryStore;
 pub use sqlite::SqliteStore;
 
 use crate::sts::CachedPolicy;
+use crate::tlsrpt::{CounterKey, Day, LedgerEntry};
 
 /// A storage operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -31,4 +33,38 @@ pub trait PolicyStore: Send + Sync {
     async fn delete_policy(&self, domain: &str) -> Result<(), StoreError>;
     /// Every stored policy (for proactive refresh and status).
     async fn all_policies(&self) -> Result<Vec<CachedPolicy>, StoreError>;
+}
+
+/// Durable TLS-RPT state: session counters and the ledger of reports (RFC 8460).
+#[async_trait::async_trait]
+pub trait ReportStore: Send + Sync {
+    /// Add `n` to each counter (atomically per batch).
+    async fn add_counts(&self, counts: Vec<(CounterKey, u64)>) -> Result<(), StoreError>;
+    /// The counters of `day` (every day if `None`), of `domain` (every domain if `None`).
+    async fn counts(
+        &self,
+        day: Option<Day>,
+        domain: Option<String>,
+    ) -> Result<Vec<(CounterKey, u64)>, StoreError>;
+    /// Insert ledger rows whose (policy domain, day, rua) is new; returns how many were
+    /// new. Rows that exist are left as they are: each destination gets one report.
+    async fn ledger_insert(&self, rows: Vec<LedgerEntry>) -> Result<usize, StoreError>;
+    /// Claim up to `limit` pending rows due at `now` for `lease_secs` (no other process
+    /// or task gets them meanwhile) and return them.
+    async fn ledger_claim_due(
+        &self,
+        now: i64,
+        lease_secs: i64,
+        limit: usize,
+    ) -> Result<Vec<LedgerEntry>, StoreError>;
+    /// Store a row's new state, attempts, times and result, and release its claim.
+    async fn ledger_update(&self, row: &LedgerEntry) -> Result<(), StoreError>;
+    /// Ledger rows of `day` (every day if `None`), without their report bodies' use.
+    async fn ledger_list(&self, day: Option<Day>) -> Result<Vec<LedgerEntry>, StoreError>;
+    /// Have the reports of `day` been made?
+    async fn day_done(&self, day: Day) -> Result<bool, StoreError>;
+    /// Note that the reports of `day` have been made.
+    async fn mark_day_done(&self, day: Day, at: i64) -> Result<(), StoreError>;
+    /// Forget counters and ledger rows of days before `day`.
+    async fn prune_before(&self, day: Day) -> Result<(), StoreError>;
 }

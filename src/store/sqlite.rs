@@ -1,8 +1,8 @@
 //! The embedded store: SQLite (bundled) in `storage.data_dir`.
 
-use super::{PolicyStore, StoreError};
+use super::{PolicyStore, ReportStore, StoreError};
 use crate::sts::{CachedPolicy, Policy};
-use crate::tlsrpt::SessionResult;
+use crate::tlsrpt::{CounterKey, Day, LedgerEntry, LedgerState};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -55,13 +55,36 @@ impl SqliteStore {
                  body TEXT NOT NULL,
                  fetched_at INTEGER NOT NULL
              );
-             CREATE TABLE IF NOT EXISTS tls_session (
-                 id INTEGER PRIMARY KEY,
-                 at INTEGER NOT NULL,
+             DROP TABLE IF EXISTS tls_session;
+             CREATE TABLE IF NOT EXISTS tlsrpt_counter (
+                 day TEXT NOT NULL,
                  policy_domain TEXT NOT NULL,
-                 result TEXT NOT NULL
+                 policy TEXT NOT NULL,
+                 failure TEXT NOT NULL,
+                 count INTEGER NOT NULL,
+                 PRIMARY KEY (day, policy_domain, policy, failure)
              );
-             CREATE INDEX IF NOT EXISTS tls_session_domain_at ON tls_session (policy_domain, at);",
+             CREATE TABLE IF NOT EXISTS tlsrpt_report (
+                 policy_domain TEXT NOT NULL,
+                 day TEXT NOT NULL,
+                 rua TEXT NOT NULL,
+                 report_id TEXT NOT NULL,
+                 file_name TEXT NOT NULL,
+                 gzip BLOB NOT NULL,
+                 state TEXT NOT NULL,
+                 attempts INTEGER NOT NULL,
+                 created_at INTEGER NOT NULL,
+                 first_try INTEGER,
+                 next_try INTEGER NOT NULL,
+                 lease_until INTEGER NOT NULL DEFAULT 0,
+                 last_result TEXT,
+                 PRIMARY KEY (policy_domain, day, rua)
+             );
+             CREATE INDEX IF NOT EXISTS tlsrpt_report_due ON tlsrpt_report (state, next_try);
+             CREATE TABLE IF NOT EXISTS tlsrpt_day (
+                 day TEXT PRIMARY KEY,
+                 done_at INTEGER NOT NULL
+             );",
         )
         .map_err(err("create schema"))?;
         Ok(SqliteStore {
@@ -113,60 +136,6 @@ fn row_to_policy(
             tracing::error!(%domain, error = %e, "stored MTA-STS policy does not parse; ignoring it");
             None
         }
-    }
-}
-
-impl SqliteStore {
-    /// Append session results (one transaction for the batch).
-    pub async fn insert_sessions(&self, batch: Vec<SessionResult>) -> Result<(), StoreError> {
-        self.with("insert sessions", move |c| {
-            let tx = c.unchecked_transaction().map_err(err("insert sessions"))?;
-            {
-                let mut stmt = tx
-                    .prepare_cached(
-                        "INSERT INTO tls_session (at, policy_domain, result) VALUES (?1, ?2, ?3)",
-                    )
-                    .map_err(err("insert sessions"))?;
-                for r in &batch {
-                    let json = serde_json::to_string(r).map_err(|e| StoreError {
-                        op: "insert sessions",
-                        reason: e.to_string(),
-                    })?;
-                    stmt.execute(params![r.at, r.policy_domain, json])
-                        .map_err(err("insert sessions"))?;
-                }
-            }
-            tx.commit().map_err(err("insert sessions"))
-        })
-        .await
-    }
-
-    /// Session results with `from <= at < to` (Unix seconds), oldest first.
-    pub async fn sessions_between(
-        &self,
-        from: i64,
-        to: i64,
-    ) -> Result<Vec<SessionResult>, StoreError> {
-        self.with("list sessions", move |c| {
-            let mut stmt = c
-                .prepare(
-                    "SELECT result FROM tls_session WHERE at >= ?1 AND at < ?2 ORDER BY at, id",
-                )
-                .map_err(err("list sessions"))?;
-            let rows = stmt
-                .query_map(params![from, to], |r| r.get::<_, String>(0))
-                .map_err(err("list sessions"))?;
-            let mut out = Vec::new();
-            for row in rows {
-                let json = row.map_err(err("list sessions"))?;
-                match serde_json::from_str(&json) {
-                    Ok(r) => out.push(r),
-                    Err(e) => tracing::error!(error = %e, "unreadable session result skipped"),
-                }
-            }
-            Ok(out)
-        })
-        .await
     }
 }
 
@@ -244,6 +213,277 @@ impl PolicyStore for SqliteStore {
                 out.extend(row_to_policy(d, id, body, at));
             }
             Ok(out)
+        })
+        .await
+    }
+}
+
+const LEDGER_COLUMNS: &str = "policy_domain, day, rua, report_id, file_name, gzip, state, \
+     attempts, created_at, first_try, next_try, last_result";
+
+fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<LedgerEntry>> {
+    let day: String = r.get(1)?;
+    let state: String = r.get(6)?;
+    let (Ok(day), Some(state)) = (day.parse::<Day>(), LedgerState::parse(&state)) else {
+        tracing::error!(%day, %state, "unreadable TLS-RPT ledger row skipped");
+        return Ok(None);
+    };
+    Ok(Some(LedgerEntry {
+        policy_domain: r.get(0)?,
+        day,
+        rua: r.get(2)?,
+        report_id: r.get(3)?,
+        file_name: r.get(4)?,
+        gzip: r.get(5)?,
+        state,
+        attempts: r.get(7)?,
+        created_at: r.get(8)?,
+        first_try: r.get(9)?,
+        next_try: r.get(10)?,
+        last_result: r.get(11)?,
+    }))
+}
+
+#[async_trait::async_trait]
+impl ReportStore for SqliteStore {
+    async fn add_counts(&self, counts: Vec<(CounterKey, u64)>) -> Result<(), StoreError> {
+        self.with("add counts", move |c| {
+            let tx = c.unchecked_transaction().map_err(err("add counts"))?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO tlsrpt_counter (day, policy_domain, policy, failure, count)
+                         VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (day, policy_domain, policy, failure)
+                         DO UPDATE SET count = count + excluded.count",
+                    )
+                    .map_err(err("add counts"))?;
+                for (k, n) in &counts {
+                    stmt.execute(params![
+                        k.day.to_string(),
+                        k.policy_domain,
+                        k.policy_json(),
+                        k.failure_json(),
+                        *n as i64
+                    ])
+                    .map_err(err("add counts"))?;
+                }
+            }
+            tx.commit().map_err(err("add counts"))
+        })
+        .await
+    }
+
+    async fn counts(
+        &self,
+        day: Option<Day>,
+        domain: Option<String>,
+    ) -> Result<Vec<(CounterKey, u64)>, StoreError> {
+        self.with("read counts", move |c| {
+            let mut stmt = c
+                .prepare(
+                    "SELECT day, policy_domain, policy, failure, count FROM tlsrpt_counter
+                     WHERE (?1 IS NULL OR day = ?1) AND (?2 IS NULL OR policy_domain = ?2)
+                     ORDER BY day, policy_domain, policy, failure",
+                )
+                .map_err(err("read counts"))?;
+            let rows = stmt
+                .query_map(params![day.map(|d| d.to_string()), domain], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, i64>(4)?,
+                    ))
+                })
+                .map_err(err("read counts"))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (day, domain, policy, failure, n) = row.map_err(err("read counts"))?;
+                let key = day
+                    .parse::<Day>()
+                    .ok()
+                    .and_then(|d| CounterKey::from_stored(d, domain, &policy, &failure));
+                match key {
+                    Some(k) => out.push((k, n.max(0) as u64)),
+                    None => tracing::error!(%day, "unreadable TLS-RPT counter skipped"),
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn ledger_insert(&self, rows: Vec<LedgerEntry>) -> Result<usize, StoreError> {
+        self.with("ledger insert", move |c| {
+            let tx = c.unchecked_transaction().map_err(err("ledger insert"))?;
+            let mut n = 0;
+            {
+                let mut stmt = tx
+                    .prepare_cached(&format!(
+                        "INSERT OR IGNORE INTO tlsrpt_report ({LEDGER_COLUMNS})
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+                    ))
+                    .map_err(err("ledger insert"))?;
+                for e in &rows {
+                    n += stmt
+                        .execute(params![
+                            e.policy_domain,
+                            e.day.to_string(),
+                            e.rua,
+                            e.report_id,
+                            e.file_name,
+                            e.gzip,
+                            e.state.as_str(),
+                            e.attempts,
+                            e.created_at,
+                            e.first_try,
+                            e.next_try,
+                            e.last_result
+                        ])
+                        .map_err(err("ledger insert"))?;
+                }
+            }
+            tx.commit().map_err(err("ledger insert"))?;
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn ledger_claim_due(
+        &self,
+        now: i64,
+        lease_secs: i64,
+        limit: usize,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        self.with("ledger claim", move |c| {
+            // IMMEDIATE: the write lock is taken before reading, so two processes
+            // cannot claim the same row.
+            let tx =
+                rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)
+                    .map_err(err("ledger claim"))?;
+            let mut out = Vec::new();
+            {
+                let mut stmt = tx
+                    .prepare(&format!(
+                        "SELECT {LEDGER_COLUMNS} FROM tlsrpt_report
+                         WHERE state = 'pending' AND next_try <= ?1 AND lease_until <= ?1
+                         ORDER BY next_try LIMIT ?2"
+                    ))
+                    .map_err(err("ledger claim"))?;
+                let rows = stmt
+                    .query_map(params![now, limit as i64], row_to_entry)
+                    .map_err(err("ledger claim"))?;
+                for r in rows {
+                    out.extend(r.map_err(err("ledger claim"))?);
+                }
+                let mut claim = tx
+                    .prepare(
+                        "UPDATE tlsrpt_report SET lease_until = ?4
+                         WHERE policy_domain = ?1 AND day = ?2 AND rua = ?3",
+                    )
+                    .map_err(err("ledger claim"))?;
+                for e in &out {
+                    claim
+                        .execute(params![
+                            e.policy_domain,
+                            e.day.to_string(),
+                            e.rua,
+                            now + lease_secs
+                        ])
+                        .map_err(err("ledger claim"))?;
+                }
+            }
+            tx.commit().map_err(err("ledger claim"))?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn ledger_update(&self, e: &LedgerEntry) -> Result<(), StoreError> {
+        let e = e.clone();
+        self.with("ledger update", move |c| {
+            c.execute(
+                "UPDATE tlsrpt_report SET state = ?4, attempts = ?5, first_try = ?6,
+                     next_try = ?7, last_result = ?8, lease_until = 0
+                 WHERE policy_domain = ?1 AND day = ?2 AND rua = ?3",
+                params![
+                    e.policy_domain,
+                    e.day.to_string(),
+                    e.rua,
+                    e.state.as_str(),
+                    e.attempts,
+                    e.first_try,
+                    e.next_try,
+                    e.last_result
+                ],
+            )
+            .map_err(err("ledger update"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn ledger_list(&self, day: Option<Day>) -> Result<Vec<LedgerEntry>, StoreError> {
+        self.with("ledger list", move |c| {
+            let mut stmt = c
+                .prepare(&format!(
+                    "SELECT {LEDGER_COLUMNS} FROM tlsrpt_report WHERE (?1 IS NULL OR day = ?1)
+                     ORDER BY day, policy_domain, rua"
+                ))
+                .map_err(err("ledger list"))?;
+            let rows = stmt
+                .query_map(params![day.map(|d| d.to_string())], row_to_entry)
+                .map_err(err("ledger list"))?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.extend(r.map_err(err("ledger list"))?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn day_done(&self, day: Day) -> Result<bool, StoreError> {
+        self.with("report day", move |c| {
+            c.query_row(
+                "SELECT 1 FROM tlsrpt_day WHERE day = ?1",
+                params![day.to_string()],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|r| r.is_some())
+            .map_err(err("report day"))
+        })
+        .await
+    }
+
+    async fn mark_day_done(&self, day: Day, at: i64) -> Result<(), StoreError> {
+        self.with("report day", move |c| {
+            c.execute(
+                "INSERT OR IGNORE INTO tlsrpt_day (day, done_at) VALUES (?1, ?2)",
+                params![day.to_string(), at],
+            )
+            .map_err(err("report day"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn prune_before(&self, day: Day) -> Result<(), StoreError> {
+        self.with("prune", move |c| {
+            let d = day.to_string();
+            c.execute("DELETE FROM tlsrpt_counter WHERE day < ?1", params![d])
+                .map_err(err("prune"))?;
+            c.execute(
+                "DELETE FROM tlsrpt_report WHERE day < ?1 AND state != 'pending'",
+                params![d],
+            )
+            .map_err(err("prune"))?;
+            c.execute("DELETE FROM tlsrpt_day WHERE day < ?1", params![d])
+                .map_err(err("prune"))?;
+            Ok(())
         })
         .await
     }

@@ -96,6 +96,12 @@ impl Lookup {
         }
     }
 
+    /// The answer for a domain treated as having no policy: opportunistic TLS. For
+    /// messages that say `TLS-Required: No` (RFC 8689), such as TLS-RPT reports.
+    pub fn without_policy() -> Lookup {
+        Lookup::none()
+    }
+
     fn cached(p: Arc<CachedPolicy>) -> Lookup {
         Lookup {
             policy: Some(p),

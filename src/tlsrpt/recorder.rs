@@ -1,9 +1,9 @@
-//! Session results to durable storage without slowing delivery: `record` only queues
-//! (never blocks; drops and counts when the queue is full), a background task writes
-//! batches to the store.
+//! Session results to durable counters without slowing delivery: `record` only queues
+//! (never blocks; drops and counts when the queue is full), a background task sums each
+//! batch and adds it to the store's counters in one transaction.
 
-use super::{SessionRecorder, SessionResult};
-use crate::store::SqliteStore;
+use super::{SessionRecorder, SessionResult, count};
+use crate::store::ReportStore;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -14,7 +14,7 @@ const QUEUE: usize = 65_536;
 /// Most results written in one transaction.
 const BATCH: usize = 1024;
 
-/// A [`SessionRecorder`] that stores results in the SQLite store.
+/// A [`SessionRecorder`] that adds results to a [`ReportStore`]'s counters.
 pub struct StoreRecorder {
     tx: mpsc::Sender<SessionResult>,
     dropped: Arc<AtomicU64>,
@@ -22,13 +22,14 @@ pub struct StoreRecorder {
 
 impl StoreRecorder {
     /// Start the writer task on the current runtime.
-    pub fn spawn(store: SqliteStore) -> StoreRecorder {
+    pub fn spawn(store: Arc<dyn ReportStore>) -> StoreRecorder {
         let (tx, mut rx) = mpsc::channel::<SessionResult>(QUEUE);
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(BATCH);
             while rx.recv_many(&mut batch, BATCH).await > 0 {
                 let n = batch.len();
-                if let Err(e) = store.insert_sessions(std::mem::take(&mut batch)).await {
+                let counts = count(&std::mem::take(&mut batch));
+                if let Err(e) = store.add_counts(counts).await {
                     tracing::error!(error = %e, lost = n, "cannot store TLS session results");
                 }
                 // Let a burst accumulate into one transaction.

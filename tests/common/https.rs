@@ -93,6 +93,8 @@ pub struct SeenRequest {
     pub headers: Vec<(String, String)>,
     /// `"TLSv1.2"` / `"TLSv1.3"`.
     pub tls_version: Option<String>,
+    /// The request body (`Content-Length` bytes, at most `MAX_BODY`).
+    pub body: Vec<u8>,
 }
 
 #[derive(Debug, Default)]
@@ -258,8 +260,27 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, state: Arc<Mu
     }
 }
 
-/// Reads until `\r\n\r\n`; returns the head (without the terminator).
-async fn read_head<R: AsyncRead + Unpin>(r: &mut R) -> Option<Vec<u8>> {
+/// Largest request body read.
+const MAX_BODY: usize = 1 << 20;
+
+/// Reads `Content-Length` bytes of body (`start` already read), bounded by `MAX_BODY`.
+async fn read_body<R: AsyncRead + Unpin>(r: &mut R, mut body: Vec<u8>, len: usize) -> Vec<u8> {
+    let len = len.min(MAX_BODY);
+    let mut tmp = [0u8; 4096];
+    // bounded: every iteration adds at least one byte, up to `len`
+    while body.len() < len {
+        match r.read(&mut tmp).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => body.extend_from_slice(&tmp[..n]),
+        }
+    }
+    body.truncate(len);
+    body
+}
+
+/// Reads until `\r\n\r\n`; returns the head (without the terminator) and any bytes
+/// read after it.
+async fn read_head<R: AsyncRead + Unpin>(r: &mut R) -> Option<(Vec<u8>, Vec<u8>)> {
     let mut buf = Vec::with_capacity(1024);
     let mut tmp = [0u8; 1024];
     // bounded: every iteration adds at least one byte, capped by MAX_HEAD
@@ -270,8 +291,9 @@ async fn read_head<R: AsyncRead + Unpin>(r: &mut R) -> Option<Vec<u8>> {
         }
         buf.extend_from_slice(&tmp[..n]);
         if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(pos + 4);
             buf.truncate(pos);
-            return Some(buf);
+            return Some((buf, rest));
         }
     }
     None
@@ -311,7 +333,7 @@ async fn handle(tcp: TcpStream, acceptor: TlsAcceptor, state: Arc<Mutex<State>>)
             conn.protocol_version().map(super::tls_version_name),
         )
     };
-    let Ok(Some(head)) = tokio::time::timeout(IO_TIMEOUT, read_head(&mut tls)).await else {
+    let Ok(Some((head, rest))) = tokio::time::timeout(IO_TIMEOUT, read_head(&mut tls)).await else {
         return;
     };
     let head = String::from_utf8_lossy(&head).into_owned();
@@ -330,6 +352,14 @@ async fn handle(tcp: TcpStream, acceptor: TlsAcceptor, state: Arc<Mutex<State>>)
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("host"))
         .map(|(_, v)| v.clone());
+    let len = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    let body = tokio::time::timeout(IO_TIMEOUT, read_body(&mut tls, rest, len))
+        .await
+        .unwrap_or_default();
     let seen = SeenRequest {
         sni,
         method,
@@ -337,6 +367,7 @@ async fn handle(tcp: TcpStream, acceptor: TlsAcceptor, state: Arc<Mutex<State>>)
         host,
         headers,
         tls_version,
+        body,
     };
     let behaviour = {
         let mut st = state.lock().unwrap();
