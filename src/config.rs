@@ -56,6 +56,10 @@ pub struct Config {
     pub server: ServerConfig,
     /// `[queue]`
     pub queue: QueueConfig,
+    /// `[admin]`
+    pub admin: AdminConfig,
+    /// `[log]`
+    pub log: LogConfig,
     #[serde(skip)]
     source: Option<PathBuf>,
 }
@@ -212,6 +216,10 @@ pub struct QueueConfig {
     pub max_concurrency: usize,
     /// Deliveries in flight per destination domain (default 20, as Postfix).
     pub max_per_domain: usize,
+    /// On SIGTERM, wait at most this long for deliveries and client sessions in
+    /// progress to finish before exiting, seconds (default 30). What is cut off stays
+    /// queued (delivered again later, never lost).
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for QueueConfig {
@@ -221,6 +229,61 @@ impl Default for QueueConfig {
             lifetime_secs: 5 * 86_400,
             max_concurrency: 64,
             max_per_domain: 20,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+/// `[admin]`: the operator's HTTP endpoint (`/metrics`, `/healthz`, `/readyz`, status page).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Serve the admin HTTP endpoint at all (default true).
+    pub enabled: bool,
+    /// Address to listen on (default `127.0.0.1:9725`). Loopback only, unless
+    /// `allow_non_loopback` is set: the endpoint has no authentication.
+    pub listen: SocketAddr,
+    /// Permit a `listen` address that is not loopback (default false).
+    pub allow_non_loopback: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9725)),
+            allow_non_loopback: false,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable `key=value` lines (default).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`: where and how the relay logs (standard error; journald picks it up).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json` (default `text`).
+    pub format: LogFormat,
+    /// Filter in `RUST_LOG` syntax (default `stsrelay=info,warn`); the `RUST_LOG`
+    /// environment variable, when set, wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "stsrelay=info,warn".to_string(),
         }
     }
 }
@@ -313,6 +376,21 @@ impl Config {
         }
         if self.server.max_message_size == 0 || self.server.max_recipients == 0 {
             return invalid("server.max_message_size", "limits must be positive");
+        }
+        if self.queue.shutdown_grace_secs > 3600 {
+            return invalid("queue.shutdown_grace_secs", "must be at most 3600");
+        }
+        if self.admin.enabled
+            && !self.admin.listen.ip().is_loopback()
+            && !self.admin.allow_non_loopback
+        {
+            return invalid(
+                "admin.listen",
+                "not a loopback address; the admin endpoint has no authentication: set admin.allow_non_loopback = true to expose it",
+            );
+        }
+        if self.log.level.trim().is_empty() {
+            return invalid("log.level", "must not be empty");
         }
         if self.delivery.port == 0 {
             return invalid("delivery.port", "must not be 0");
@@ -418,6 +496,33 @@ mod tests {
     }
 
     #[test]
+    fn admin_is_loopback_unless_allowed() {
+        let c = Config::default();
+        assert_eq!(c.admin.listen, "127.0.0.1:9725".parse().unwrap());
+        let e = Config::from_toml("[admin]\nlisten = \"0.0.0.0:9725\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("admin.listen"), "{e}");
+        let c =
+            Config::from_toml("[admin]\nlisten = \"0.0.0.0:9725\"\nallow_non_loopback = true\n")
+                .unwrap();
+        assert!(!c.admin.listen.ip().is_loopback());
+        let c = Config::from_toml("[admin]\nlisten = \"[::1]:9725\"\n").unwrap();
+        assert!(c.admin.listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn log_format_is_text_or_json() {
+        assert_eq!(Config::default().log.format, LogFormat::Text);
+        let c = Config::from_toml("[log]\nformat = \"json\"\n").unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        let e = Config::from_toml("[log]\nformat = \"xml\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("xml"), "{e}");
+    }
+
+    #[test]
     fn file_errors_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
@@ -440,5 +545,7 @@ mod example_file {
         assert_eq!(c.dns_timeout(), d.dns_timeout());
         assert_eq!(format!("{:?}", c.server), format!("{:?}", d.server));
         assert_eq!(format!("{:?}", c.queue), format!("{:?}", d.queue));
+        assert_eq!(format!("{:?}", c.admin), format!("{:?}", d.admin));
+        assert_eq!(format!("{:?}", c.log), format!("{:?}", d.log));
     }
 }

@@ -29,6 +29,8 @@ pub struct Rcpt {
 /// What to send in one SMTP transaction.
 #[derive(Debug, Clone)]
 pub struct Transaction {
+    /// The spool's queue id, for logs (empty when there is none).
+    pub queue_id: String,
     /// Reverse-path ("" for the null sender).
     pub mail_from: String,
     /// Recipients, all at one domain.
@@ -87,6 +89,7 @@ pub struct Deliverer {
     connect_timeout: Duration,
     timeout: Duration,
     pool: Arc<Pool>,
+    activity: Arc<crate::ops::activity::Activity>,
 }
 
 /// The MX a transaction runs on: for logs and for putting the connection back.
@@ -138,7 +141,25 @@ impl Deliverer {
             connect_timeout: Duration::from_secs(cfg.delivery.connect_timeout_secs),
             timeout: Duration::from_secs(cfg.delivery.command_timeout_secs),
             pool: Arc::new(Pool::default()),
+            activity: Arc::new(crate::ops::activity::Activity::new(
+                crate::clock::Clock::now(&crate::clock::SystemClock),
+            )),
         }
+    }
+
+    /// Recent outcomes and TLS results (last 24 h), for the status page.
+    pub fn activity(&self) -> &crate::ops::activity::Activity {
+        &self.activity
+    }
+
+    /// Count one MX session (or one MX skipped by policy) with its TLS result.
+    fn note_session(&self, mode: Option<Mode>, failure: Option<ResultType>) {
+        crate::ops::metrics::tls_session(mode, failure);
+        self.activity.session(
+            crate::clock::Clock::now(&crate::clock::SystemClock),
+            crate::ops::metrics::mode_label(mode),
+            crate::ops::metrics::result_label(failure),
+        );
     }
 
     /// The policy engine.
@@ -350,6 +371,9 @@ impl Deliverer {
                     ResultType::StarttlsNotSupported,
                     "starttls-not-offered",
                 )));
+            } else {
+                // No policy: nothing to report, but the operator sees plaintext hops.
+                self.note_session(lookup.mode(), Some(ResultType::StarttlsNotSupported));
             }
             let hop = Hop {
                 domain,
@@ -410,6 +434,8 @@ impl Deliverer {
             Err(SmtpError::Tls(f)) => {
                 if lookup.mode().is_some() {
                     record(Some(tls_fail(&f)));
+                } else {
+                    self.note_session(None, Some(f.result_type));
                 }
                 if strict {
                     return SessionEnd::Next {
@@ -486,7 +512,7 @@ impl Deliverer {
                 .join("; "),
             SessionEnd::Next { reason, .. } => format!("failed: {reason}"),
         };
-        tracing::info!(domain = %hop.domain, mx = %hop.host, ip = %hop.ip, mode = hop.mode.map(|m| m.as_str()).unwrap_or("none"),
+        tracing::info!(queue_id = %tx.queue_id, domain = %hop.domain, mx = %hop.host, ip = %hop.ip, mode = hop.mode.map(|m| m.as_str()).unwrap_or("none"),
             tls = %hop.tls, reuse = hop.uses, rcpts = tx.recipients.len(), %outcome, "delivery attempt");
         end
     }
@@ -534,7 +560,10 @@ impl Deliverer {
             }
         }
         let r = match c.command(&mail).await {
-            Ok(r) => r,
+            Ok(r) => {
+                crate::ops::metrics::smtp_reply(r.code);
+                r
+            }
             Err(e) => {
                 return (
                     SessionEnd::Next {
@@ -561,7 +590,11 @@ impl Deliverer {
                     cmd.push_str(&format!(" ORCPT={o}"));
                 }
             }
-            match c.command(&cmd).await {
+            let reply = c.command(&cmd).await;
+            if let Ok(r) = &reply {
+                crate::ops::metrics::smtp_reply(r.code);
+            }
+            match reply {
                 Ok(r) if r.is_positive() => accepted.push(i),
                 Ok(r) if r.code >= 500 => {
                     results[i] = Some(RcptResult::Bounced { reason: said(&r) })
@@ -580,8 +613,14 @@ impl Deliverer {
         }
         let mut clean = true;
         if !accepted.is_empty() {
-            let outcome = match c.command("DATA").await {
-                Ok(r) if r.code == 354 => match c.send_data(&tx.body).await {
+            let data = c.command("DATA").await;
+            if let Ok(r) = &data {
+                crate::ops::metrics::smtp_reply(r.code);
+            }
+            let outcome = match data {
+                Ok(r) if r.code == 354 => match c.send_data(&tx.body).await.inspect(|r| {
+                    crate::ops::metrics::smtp_reply(r.code);
+                }) {
                     Ok(r) if r.is_positive() => RcptResult::Delivered { reply: said(&r) },
                     Ok(r) if r.code >= 500 => RcptResult::Bounced { reason: said(&r) },
                     Ok(r) => RcptResult::Deferred { reason: said(&r) },
@@ -630,6 +669,7 @@ impl Deliverer {
         sending_ip: Option<IpAddr>,
         failure: Option<SessionFailure>,
     ) {
+        self.note_session(lookup.mode(), failure.as_ref().map(|f| f.result_type));
         let (policy_type, policy_strings, mx_host_patterns) = match (&lookup.policy, lookup.mode())
         {
             (Some(p), Some(_)) => (PolicyType::Sts, p.policy.lines.clone(), patterns(lookup)),

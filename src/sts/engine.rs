@@ -355,6 +355,11 @@ impl Engine {
         &self.inner.stats
     }
 
+    /// Every policy in the persistent store (valid or expired), for the status page.
+    pub async fn stored_policies(&self) -> Result<Vec<CachedPolicy>, crate::store::StoreError> {
+        self.inner.store.all_policies().await
+    }
+
     /// Policies currently held in memory.
     pub fn memory_entries(&self) -> usize {
         self.inner.cache.len()
@@ -370,13 +375,16 @@ impl Engine {
     pub async fn policy(&self, domain: &str) -> Result<Lookup, EngineError> {
         let now = self.inner.clock.now();
         if let Some(hit) = self.cached_fast(domain, now) {
+            crate::ops::metrics::policy_cache(true);
             return Ok(hit);
         }
         let domain = normalize_domain(domain)?;
         let _guard = self.lock_domain(&domain).await;
         if let Some(p) = self.cached_slow(&domain, now).await {
+            crate::ops::metrics::policy_cache(true);
             return Ok(Lookup::cached(p));
         }
+        crate::ops::metrics::policy_cache(false);
         Ok(self.discover(&domain, None).await)
     }
 
@@ -533,6 +541,7 @@ impl Engine {
     async fn fetch(&self, domain: &str) -> Result<Policy, FetchError> {
         self.inner.stats.fetches.fetch_add(1, Ordering::Relaxed);
         let r = self.inner.fetcher.fetch(domain).await;
+        crate::ops::metrics::policy_fetch(r.as_ref().map(|_| ()).map_err(|e| e.result_type));
         if r.is_err() {
             self.inner
                 .stats
