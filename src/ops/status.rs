@@ -149,7 +149,7 @@ section{background:#fff;border-radius:8px;padding:14px 18px;box-shadow:0 1px 2px
 section.wide{grid-column:1/-1}
 h2{font-size:15px;margin:0 0 10px;color:#4a5568;text-transform:uppercase;letter-spacing:.04em}
 .cards{display:flex;gap:12px;flex-wrap:wrap}
-.card{flex:1;min-width:90px;border:1px solid #e2e6ec;border-radius:6px;padding:8px 12px}
+.card{flex:1 1 0;min-width:70px;border:1px solid #e2e6ec;border-radius:6px;padding:8px 12px}
 .card .n{font-size:26px;font-weight:700}.card .l{font-size:12px;color:#718096}
 table{border-collapse:collapse;width:100%;font-size:14px}
 th,td{text-align:left;padding:5px 8px;border-bottom:1px solid #edf0f4}
