@@ -412,5 +412,7 @@ if grep -q "integration bob@bad.test" "$W"/sink-127.0.0.2[678].eml 2>/dev/null; 
   echo "FAIL enforce_never_delivers_to_bad_mx"; failed=$((failed+1))
 else echo "ok   enforce_never_delivers_to_bad_mx"; passed=$((passed+1)); fi
 
+source "$HERE/ops.sh"
+
 echo "integration: $passed passed, $failed failed"
 [ "$failed" = 0 ]
