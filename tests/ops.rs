@@ -817,3 +817,58 @@ async fn sigterm_grace_over_leaves_stuck_deliveries_queued() {
         .collect();
     assert_eq!(states, ["queued", "queued", "queued"], "{q}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_idle_sessions_with_421_and_lets_a_message_finish() {
+    let mut lab = Lab::new(&[59]).await;
+    let s = lab
+        .mx(
+            "fin.test",
+            "mx.fin.test",
+            59,
+            SinkOptions::plain("mx.fin.test"),
+        )
+        .await;
+    let mut relay = lab.start_relay("").await;
+    let mut idle = connect(&relay).await;
+    idle.ehlo("client.test").await.unwrap();
+    let mut sending = connect(&relay).await;
+    sending.ehlo("client.test").await.unwrap();
+    assert!(
+        sending
+            .command("MAIL FROM:<alice@sender.test>")
+            .await
+            .unwrap()
+            .is_positive()
+    );
+    assert!(
+        sending
+            .command("RCPT TO:<bob@fin.test>")
+            .await
+            .unwrap()
+            .is_positive()
+    );
+    assert_eq!(sending.command("DATA").await.unwrap().code, 354);
+    kill(&relay, "TERM");
+    eventually("shutdown started", &lab, async || {
+        lab.log().contains("stopping: no longer accepting")
+    })
+    .await;
+    // The idle client is told at once, unasked.
+    let r = idle.read_reply().await.unwrap();
+    assert_eq!(r.code, 421, "{}", r.text());
+    assert!(r.text().contains("4.3.2"), "{}", r.text());
+    // The message being sent is taken and acknowledged, then the session is closed.
+    let r = sending.send_data(MSG.as_bytes()).await.unwrap();
+    assert_eq!(r.code, 250, "{}", r.text());
+    let r = sending.read_reply().await.unwrap();
+    assert_eq!(r.code, 421, "{}", r.text());
+    let status = tokio::time::timeout(Duration::from_secs(60), relay.child.wait())
+        .await
+        .expect("the relay exits")
+        .unwrap();
+    assert!(status.success(), "{}", lab.log());
+    // Acknowledged, so delivered before the exit or queued for the next start.
+    let queued = queue_json(&relay).await.as_array().unwrap().len();
+    assert_eq!(lab.sinks[s].message_count() + queued, 1, "{}", lab.log());
+}
