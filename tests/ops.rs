@@ -364,6 +364,17 @@ async fn metrics_count_deliveries_and_status_page_shows_them() {
             && l.contains("delivered: mx.testing.test")),
         "{log}"
     );
+    // Also for an attempt that failed before the transaction (enforce, wrong name).
+    assert!(
+        log.lines().any(|l| l.contains("delivery attempt")
+            && l.contains("queue_id=")
+            && l.contains("domain=wrongname.test")
+            && l.contains("mx=mx.wrongname.test")
+            && l.contains("mode=\"enforce\"")
+            && l.contains("tls=failed (certificate-host-mismatch)")
+            && l.contains("outcome=failed: 451 4.7.5")),
+        "{log}"
+    );
     screenshot(relay.admin, lab.dir.path()).await;
 }
 

@@ -117,8 +117,14 @@ fn pool_key(domain: &str, lookup: &Lookup) -> Key {
 enum SessionEnd {
     /// The transaction ran: per-recipient results.
     Done(Vec<RcptResult>),
-    /// Try the next address or MX; `policy` when the policy's checks failed.
-    Next { reason: String, policy: bool },
+    /// Try the next address or MX; `policy` when the policy's checks failed; `tls`
+    /// (the TLS state reached) when the failure came before the transaction, whose own
+    /// log line is then still to be written.
+    Next {
+        reason: String,
+        policy: bool,
+        tls: Option<String>,
+    },
 }
 
 impl Deliverer {
@@ -261,7 +267,9 @@ impl Deliverer {
                     None,
                     Some(fail(ResultType::ValidationFailure, "mx-not-in-policy")),
                 );
-                tracing::warn!(%domain, mx = %host, "MX not in the MTA-STS policy: skipped");
+                tracing::warn!(queue_id = %tx.queue_id, %domain, mx = %host, mode = crate::ops::metrics::mode_label(lookup.mode()),
+                    tls = "none (not connected)", rcpts = tx.recipients.len(),
+                    outcome = "skipped: MX not in the MTA-STS policy", "delivery attempt");
                 last = format!(
                     "451 4.7.5 MX {host} is not permitted by the MTA-STS policy of {domain} (allowed: {})",
                     patterns(&lookup).join(", ")
@@ -289,8 +297,16 @@ impl Deliverer {
                             mode: lookup.mode(),
                         };
                     }
-                    SessionEnd::Next { reason, policy } => {
-                        tracing::info!(%domain, mx = %host, %ip, mode = ?lookup.mode(), %reason, "delivery attempt failed");
+                    SessionEnd::Next {
+                        reason,
+                        policy,
+                        tls,
+                    } => {
+                        if let Some(tls) = tls {
+                            tracing::info!(queue_id = %tx.queue_id, %domain, mx = %host, %ip,
+                                mode = crate::ops::metrics::mode_label(lookup.mode()), %tls,
+                                rcpts = tx.recipients.len(), outcome = %format!("failed: {reason}"), "delivery attempt");
+                        }
                         last = reason;
                         policy_blocked |= policy;
                     }
@@ -325,6 +341,7 @@ impl Deliverer {
         let next = |reason: String| SessionEnd::Next {
             reason,
             policy: false,
+            tls: Some("none".into()),
         };
         let (mut c, greeting) =
             match Client::connect(addr, self.connect_timeout, self.timeout).await {
@@ -364,6 +381,7 @@ impl Deliverer {
                         "451 4.7.4 TLS is required by the MTA-STS policy of {domain}, but {host}[{ip}] does not offer STARTTLS"
                     ),
                     policy: true,
+                    tls: Some("none (starttls-not-supported)".into()),
                 };
             }
             if lookup.mode() == Some(Mode::Testing) {
@@ -417,7 +435,11 @@ impl Deliverer {
                 let ehlo = match tls.ehlo(&self.helo).await {
                     Ok(r) => r,
                     Err(e) => {
-                        return next(format!("451 4.4.2 {host}[{ip}] EHLO after STARTTLS: {e}"));
+                        return SessionEnd::Next {
+                            reason: format!("451 4.4.2 {host}[{ip}] EHLO after STARTTLS: {e}"),
+                            policy: false,
+                            tls: Some(tls_state),
+                        };
                     }
                 };
                 let hop = Hop {
@@ -443,6 +465,7 @@ impl Deliverer {
                             "451 4.7.5 TLS with {host}[{ip}] failed under the MTA-STS policy of {domain}: {f}"
                         ),
                         policy: true,
+                        tls: Some(format!("failed ({})", f.result_type)),
                     };
                 }
                 // Opportunistic: the handshake itself failed; deliver in plaintext (RFC 8461 §5 testing, no policy).
@@ -474,6 +497,7 @@ impl Deliverer {
                 return SessionEnd::Next {
                     reason: format!("451 4.4.1 {host}[{ip}]: {e}"),
                     policy: false,
+                    tls: Some(hop.tls.clone()),
                 };
             }
         };
@@ -482,6 +506,7 @@ impl Deliverer {
             Err(e) => SessionEnd::Next {
                 reason: format!("451 4.4.2 {host}[{ip}] EHLO: {e}"),
                 policy: false,
+                tls: Some(hop.tls.clone()),
             },
         }
     }
@@ -569,6 +594,7 @@ impl Deliverer {
                     SessionEnd::Next {
                         reason: format!("451 4.4.2 {host}[{ip}] MAIL: {e}"),
                         policy: false,
+                        tls: None,
                     },
                     None,
                 );
@@ -605,6 +631,7 @@ impl Deliverer {
                         SessionEnd::Next {
                             reason: format!("451 4.4.2 {host}[{ip}] RCPT: {e}"),
                             policy: false,
+                            tls: None,
                         },
                         None,
                     );
@@ -716,6 +743,7 @@ fn classify_all(r: &Reply, text: String, n: usize) -> SessionEnd {
         SessionEnd::Next {
             reason: text,
             policy: false,
+            tls: None,
         }
     }
 }
