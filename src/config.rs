@@ -392,6 +392,9 @@ impl Config {
         if self.log.level.trim().is_empty() {
             return invalid("log.level", "must not be empty");
         }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return invalid("log.level", &format!("not a RUST_LOG-style filter: {e}"));
+        }
         if self.delivery.port == 0 {
             return invalid("delivery.port", "must not be 0");
         }
@@ -520,6 +523,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("xml"), "{e}");
+        let e = Config::from_toml("[log]\nlevel = \"stsrelay=loud\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("log.level"), "{e}");
     }
 
     #[test]

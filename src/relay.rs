@@ -641,7 +641,7 @@ pub async fn run(cfg: Config, metrics: Option<MetricsRender>) -> Result<(), Rela
     let store = SqliteStore::open(&cfg.storage.data_dir)
         .map_err(unavailable("session store (storage.data_dir)"))?;
     let recorder = Arc::new(StoreRecorder::spawn(store));
-    let relay = Relay::new(cfg.clone(), recorder).await?;
+    let relay = Relay::new(cfg.clone(), recorder.clone()).await?;
     let listener = bind_smtp(&cfg).await?;
     let _admin = if cfg.admin.enabled {
         let admin = TcpListener::bind(cfg.admin.listen)
@@ -662,5 +662,10 @@ pub async fn run(cfg: Config, metrics: Option<MetricsRender>) -> Result<(), Rela
         None
     };
     let controls = crate::ops::signals::listen().map_err(unavailable("signal handlers"))?;
-    relay.serve(listener, controls).await
+    relay.serve(listener, controls).await?;
+    // The TLS session results of the last deliveries, for TLS-RPT.
+    if !recorder.flush(Duration::from_secs(5)).await {
+        tracing::warn!("some TLS session results were not written before exit");
+    }
+    Ok(())
 }

@@ -556,12 +556,18 @@ async fn sigterm_during_a_load_run_loses_nothing() {
     const CLIENTS: usize = 4;
     const PER_CLIENT: usize = 60;
     let mut lab = Lab::new(&[56]).await;
+    lab.policy(
+        "load.test",
+        "1",
+        "version: STSv1\nmode: enforce\nmx: mx.load.test\nmax_age: 86400\n",
+    );
+    let leaf = lab.ca.leaf(&["mx.load.test"]);
     let sink = lab
         .mx(
             "load.test",
             "mx.load.test",
             56,
-            SinkOptions::plain("mx.load.test"),
+            SinkOptions::tls("mx.load.test", leaf.server_config()),
         )
         .await;
     let mut notify = NotifySocket::bind(lab.dir.path());
@@ -633,6 +639,14 @@ async fn sigterm_during_a_load_run_loses_nothing() {
         "{first_log}"
     );
     assert!(notify.count("STOPPING=1") == 1, "{:?}", notify.messages());
+    // Every TLS session of the run was written for TLS-RPT before the exit.
+    let store = stsrelay::store::SqliteStore::open(&lab.dir.path().join("data")).unwrap();
+    let recorded = store.sessions_between(0, i64::MAX).await.unwrap().len();
+    assert_eq!(
+        recorded,
+        lab.sinks[sink].completed_handshakes(),
+        "{first_log}"
+    );
     let acked: BTreeSet<String> = acked.lock().unwrap().clone();
     assert!(acked.len() >= 40);
     assert!(
