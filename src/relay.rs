@@ -332,28 +332,40 @@ impl Relay {
                 }
             });
         }
-        // Graceful shutdown.
         drop(listener);
+        self.drain(&limit, &stop, &mut controls, controls_open)
+            .await;
+        Ok(())
+    }
+
+    /// Graceful shutdown after the listener is closed: `421` to idle sessions, no new
+    /// deliveries, then wait (bounded by `queue.shutdown_grace_secs`, or a second
+    /// `Stop`) until no delivery and no client session is left.
+    async fn drain(
+        &self,
+        limit: &Semaphore,
+        stop: &watch::Sender<bool>,
+        controls: &mut mpsc::Receiver<Control>,
+        mut controls_open: bool,
+    ) {
         self.ready.listening.store(false, Ordering::SeqCst);
         crate::ops::notify::stopping();
         stop.send_replace(true);
         self.scheduler.stop();
+        let sessions = || MAX_INBOUND - limit.available_permits();
         let grace = Duration::from_secs(self.cfg.queue.shutdown_grace_secs);
         tracing::info!(
             grace_secs = grace.as_secs(),
             deliveries = self.scheduler.in_flight(),
-            sessions = MAX_INBOUND - limit.available_permits(),
+            sessions = sessions(),
             "stopping: no longer accepting; waiting for work in progress"
         );
         let deadline = Instant::now() + grace;
         loop {
-            let (deliveries, sessions) = (
-                self.scheduler.in_flight(),
-                MAX_INBOUND - limit.available_permits(),
-            );
+            let (deliveries, sessions) = (self.scheduler.in_flight(), sessions());
             if deliveries == 0 && sessions == 0 {
                 tracing::info!("stopped: all work finished");
-                break;
+                return;
             }
             if Instant::now() >= deadline {
                 tracing::warn!(
@@ -361,21 +373,20 @@ impl Relay {
                     sessions,
                     "stopped: grace period over; unfinished deliveries stay queued"
                 );
-                break;
+                return;
             }
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(50)) => {}
                 c = controls.recv(), if controls_open => match c {
                     Some(Control::Stop) => {
                         tracing::warn!(deliveries, sessions, "stopped at once (second stop signal); unfinished deliveries stay queued");
-                        break;
+                        return;
                     }
                     Some(Control::Reload) => {}
                     None => controls_open = false,
                 },
             }
         }
-        Ok(())
     }
 }
 

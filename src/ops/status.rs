@@ -116,7 +116,8 @@ pub fn span(secs: i64) -> String {
 ///
 /// ```
 /// assert_eq!(stsrelay::ops::status::utc(0), "1970-01-01 00:00");
-/// assert_eq!(stsrelay::ops::status::utc(1_795_000_000), "2026-11-19 09:46");
+/// assert_eq!(stsrelay::ops::status::utc(1_795_000_000), "2026-11-18 11:06");
+/// assert_eq!(stsrelay::ops::status::utc(951_782_400), "2000-02-29 00:00");
 /// ```
 pub fn utc(t: i64) -> String {
     let days = t.div_euclid(86400);
