@@ -94,8 +94,11 @@ impl Live {
 /// Readiness as `/readyz` reports it.
 #[derive(Debug, Default)]
 struct Readiness {
+    /// The SMTP listener is bound and accepting.
     listening: AtomicBool,
+    /// The spool is open and the last message could be stored.
     spool: AtomicBool,
+    /// The policy store is open.
     store: AtomicBool,
 }
 
@@ -263,6 +266,7 @@ impl Relay {
         let sink = Arc::new(SpoolSink {
             spool: self.spool.clone(),
             scheduler: self.scheduler.clone(),
+            ready: self.ready.clone(),
         });
         let limit = Arc::new(Semaphore::new(MAX_INBOUND));
         let (stop, stopped) = watch::channel(false);
@@ -486,7 +490,7 @@ impl AdminSource for RelayStatus {
             out.push("SMTP listener not bound");
         }
         if !self.ready.spool.load(Ordering::SeqCst) {
-            out.push("spool not open");
+            out.push("spool failing (the last message could not be stored)");
         }
         if !self.ready.store.load(Ordering::SeqCst) {
             out.push("policy store not open");
@@ -581,6 +585,7 @@ fn acceptor(
 struct SpoolSink {
     spool: Spool,
     scheduler: Scheduler,
+    ready: Arc<Readiness>,
 }
 
 /// The spool's envelope for an accepted message.
@@ -632,10 +637,13 @@ impl MessageSink for SpoolSink {
             inc.commit(&env)
         })
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| {
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        // Readiness follows the last attempt: failing while the spool fails.
+        self.ready.spool.store(id.is_ok(), Ordering::SeqCst);
+        let id = id.map_err(|e| {
             tracing::error!(error = %e, "cannot spool a message");
-            e.to_string()
+            e
         })?;
         tracing::info!(queue_id = %id, from = %envelope.mail_from, rcpts = envelope.recipients.len(), "queued");
         crate::ops::metrics::message_received();

@@ -897,3 +897,37 @@ async fn sigterm_closes_idle_sessions_with_421_and_lets_a_message_finish() {
     let queued = queue_json(&relay).await.as_array().unwrap().len();
     assert_eq!(lab.sinks[s].message_count() + queued, 1, "{}", lab.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_fails_while_the_spool_cannot_store_and_recovers() {
+    let mut lab = Lab::new(&[60]).await;
+    lab.mx(
+        "ready.test",
+        "mx.ready.test",
+        60,
+        SinkOptions::plain("mx.ready.test"),
+    )
+    .await;
+    let relay = lab.start_relay("").await;
+    assert_eq!(get(relay.admin, "/readyz").await.0, 200);
+    // incoming/ replaced by a file: bodies cannot be created (root ignores modes).
+    let incoming = lab.dir.path().join("data/spool/incoming");
+    std::fs::remove_dir(&incoming).unwrap();
+    std::fs::write(&incoming, b"not a directory").unwrap();
+    let r = submit(&relay, "alice@sender.test", &["a@ready.test"], MSG).await;
+    assert!(r.starts_with("451"), "{r}");
+    let (code, body) = get(relay.admin, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("spool failing"), "{body}");
+    let (_, page) = get(relay.admin, "/").await;
+    assert!(page.contains("Not ready"), "{page}");
+    // Repaired: the next message is stored and the relay is ready again.
+    std::fs::remove_file(&incoming).unwrap();
+    std::fs::create_dir(&incoming).unwrap();
+    let r = submit(&relay, "alice@sender.test", &["b@ready.test"], MSG).await;
+    assert!(r.starts_with("250"), "{r}");
+    assert_eq!(
+        get(relay.admin, "/readyz").await,
+        (200, "ready\n".to_string())
+    );
+}

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `/metrics` | Prometheus text format (404 when no exporter was given) |
 //! | `/healthz` | `200 ok`: the process serves requests |
-//! | `/readyz` | `200 ready` when the SMTP listener is bound and the spool and store are open, else `503` naming what is not |
+//! | `/readyz` | `200 ready` when the SMTP listener is bound, the spool and store are open and the spool stored the last message, else `503` naming what is not |
 //! | `/` | the HTML [status page](super::status) |
 //!
 //! What the endpoint reports comes from an [`AdminSource`] (the relay implements it);
