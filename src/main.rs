@@ -166,7 +166,12 @@ fn init_logging(cfg: &Config, daemon: bool) {
 
 async fn run(cfg: Config) -> ExitCode {
     // The binary records into Prometheus; the library only calls the `metrics` facade.
-    let handle = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+    use stsrelay::ops::metrics::{DELAY_BUCKETS, names};
+    let builder = metrics_exporter_prometheus::PrometheusBuilder::new().set_buckets_for_metric(
+        metrics_exporter_prometheus::Matcher::Full(names::DELIVERY_DELAY.to_string()),
+        DELAY_BUCKETS,
+    );
+    let handle = match builder.and_then(|b| b.install_recorder()) {
         Ok(h) => Some(h),
         Err(e) => {
             tracing::warn!(error = %e, "metrics exporter not installed; /metrics is off");

@@ -323,6 +323,29 @@ async fn metrics_count_deliveries_and_status_page_shows_them() {
     );
     assert!(c("stsrelay_queue_oldest_age_seconds", &[]) >= 0.0);
     assert!(m.contains("# HELP stsrelay_deliveries_total"), "{m}");
+    // Receipt-to-delivery delay of the six delivered recipients (a few seconds at most).
+    let delay = |mode| c("stsrelay_delivery_delay_seconds_count", &[("mode", mode)]);
+    assert_eq!(
+        (delay("enforce"), delay("testing"), delay("none")),
+        (3.0, 1.0, 2.0),
+        "{m}"
+    );
+    assert_eq!(
+        c(
+            "stsrelay_delivery_delay_seconds_bucket",
+            &[("mode", "enforce"), ("le", "432000")]
+        ),
+        3.0,
+        "{m}"
+    );
+    assert_eq!(
+        c(
+            "stsrelay_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0,
+        "{m}"
+    );
 
     assert_eq!(
         get(relay.admin, "/healthz").await,
@@ -930,4 +953,41 @@ async fn readyz_fails_while_the_spool_cannot_store_and_recovers() {
         get(relay.admin, "/readyz").await,
         (200, "ready\n".to_string())
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_stops_without_waiting_for_the_grace_period() {
+    let mut lab = Lab::new(&[61]).await;
+    let mut stall = SinkOptions::plain("mx.stall2.test");
+    stall.stall_after_greeting = true;
+    let s = lab.mx("stall2.test", "mx.stall2.test", 61, stall).await;
+    let mut relay = lab
+        .start_relay_edited("", |c| format!("{c}[queue]\nshutdown_grace_secs = 3600\n"))
+        .await;
+    assert!(
+        submit(&relay, "alice@sender.test", &["u@stall2.test"], MSG)
+            .await
+            .starts_with("250")
+    );
+    eventually("delivery stuck at the MX", &lab, async || {
+        lab.sinks[s].connections() == 1
+    })
+    .await;
+    kill(&relay, "TERM");
+    eventually("draining", &lab, async || {
+        lab.log().contains("stopping: no longer accepting")
+    })
+    .await;
+    kill(&relay, "TERM");
+    let status = tokio::time::timeout(Duration::from_secs(60), relay.child.wait())
+        .await
+        .expect("the second SIGTERM ends the wait")
+        .unwrap();
+    assert!(status.success(), "{}", lab.log());
+    assert!(
+        lab.log().contains("stopped at once (second stop signal)"),
+        "{}",
+        lab.log()
+    );
+    assert_eq!(queue_json(&relay).await.as_array().unwrap().len(), 1);
 }

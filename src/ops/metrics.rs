@@ -55,7 +55,18 @@ pub mod names {
     pub const QUEUE_CORRUPT: &str = "stsrelay_queue_corrupt_messages";
     /// Counter: SIGHUP reloads, label `outcome` (`ok`, `failed`).
     pub const CONFIG_RELOADS: &str = "stsrelay_config_reloads_total";
+    /// Histogram: seconds from receipt to delivery, per delivered recipient, label
+    /// `mode` (buckets: [`DELAY_BUCKETS`](super::DELAY_BUCKETS)).
+    pub const DELIVERY_DELAY: &str = "stsrelay_delivery_delay_seconds";
+    /// Gauge: always 1, label `version`.
+    pub const BUILD_INFO: &str = "stsrelay_build_info";
 }
+
+/// Histogram buckets for [`names::DELIVERY_DELAY`], seconds: from "at once" to the
+/// default queue lifetime (the spool keeps whole seconds).
+pub const DELAY_BUCKETS: &[f64] = &[
+    1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14_400.0, 86_400.0, 432_000.0,
+];
 
 /// The label value of a policy mode; no policy and `mode: none` are both `none`.
 pub fn mode_label(mode: Option<Mode>) -> &'static str {
@@ -82,9 +93,10 @@ pub fn reply_class(code: u16) -> &'static str {
     }
 }
 
-/// Register help texts with the installed recorder (call once after installing it).
+/// Register help texts with the installed recorder and set [`names::BUILD_INFO`]
+/// (call once after installing it).
 pub fn describe() {
-    use metrics::{describe_counter, describe_gauge};
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
         names::MESSAGES_RECEIVED,
         "Messages accepted from clients and spooled"
@@ -122,6 +134,58 @@ pub fn describe() {
         "Corrupt messages set aside in the spool"
     );
     describe_counter!(names::CONFIG_RELOADS, "Configuration reloads (SIGHUP)");
+    describe_histogram!(
+        names::DELIVERY_DELAY,
+        metrics::Unit::Seconds,
+        "Time from receipt to delivery per delivered recipient"
+    );
+    describe_gauge!(names::BUILD_INFO, "Always 1; the version in a label");
+    metrics::gauge!(names::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    zero_counters();
+}
+
+/// Show the counters' usual series from the start (at 0), so `rate()` and alerts see
+/// the first event.
+fn zero_counters() {
+    use metrics::counter;
+    let modes = [Some(Mode::Enforce), Some(Mode::Testing), None];
+    counter!(names::MESSAGES_RECEIVED).increment(0);
+    counter!(names::INBOUND_SESSIONS).increment(0);
+    for mode in modes {
+        for outcome in ["delivered", "deferred", "bounced"] {
+            counter!(names::DELIVERIES, "outcome" => outcome, "mode" => mode_label(mode))
+                .increment(0);
+        }
+        for failure in [
+            None,
+            Some(ResultType::StarttlsNotSupported),
+            Some(ResultType::CertificateHostMismatch),
+            Some(ResultType::CertificateExpired),
+            Some(ResultType::CertificateNotTrusted),
+            Some(ResultType::ValidationFailure),
+        ] {
+            counter!(names::TLS_SESSIONS, "mode" => mode_label(mode), "result" => result_label(failure))
+                .increment(0);
+        }
+    }
+    for outcome in [
+        "ok",
+        ResultType::StsPolicyFetchError.as_str(),
+        ResultType::StsPolicyInvalid.as_str(),
+        ResultType::StsWebpkiInvalid.as_str(),
+    ] {
+        counter!(names::POLICY_FETCHES, "outcome" => outcome).increment(0);
+    }
+    for result in ["hit", "miss"] {
+        counter!(names::POLICY_CACHE, "result" => result).increment(0);
+    }
+    for class in ["2xx", "3xx", "4xx", "5xx"] {
+        counter!(names::SMTP_REPLIES, "class" => class).increment(0);
+    }
+    for outcome in ["ok", "failed"] {
+        counter!(names::CONFIG_RELOADS, "outcome" => outcome).increment(0);
+    }
+    metrics::gauge!(names::INBOUND_ACTIVE).increment(0.0);
 }
 
 /// A message was accepted and spooled.
@@ -133,6 +197,12 @@ pub fn message_received() {
 pub fn delivery(outcome: &'static str, mode: Option<Mode>) {
     metrics::counter!(names::DELIVERIES, "outcome" => outcome, "mode" => mode_label(mode))
         .increment(1);
+}
+
+/// A recipient was delivered `secs` seconds after the message was received.
+pub fn delivery_delay(mode: Option<Mode>, secs: i64) {
+    metrics::histogram!(names::DELIVERY_DELAY, "mode" => mode_label(mode))
+        .record(secs.max(0) as f64);
 }
 
 /// One session with an MX (or an MX skipped under policy), with its TLS result.

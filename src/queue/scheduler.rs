@@ -270,6 +270,7 @@ impl Scheduler {
                 RcptResult::Delivered { reply } => {
                     tracing::info!(queue_id = %msg.id, rcpt = %status.address, %domain, mode = ?attempt.mode, %reply, "delivered");
                     self.count(attempt.mode, "delivered", now);
+                    crate::ops::metrics::delivery_delay(attempt.mode, now - msg.received_at);
                     Outcome::Delivered
                 }
                 RcptResult::Bounced { reason } => {
