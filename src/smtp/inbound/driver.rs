@@ -360,7 +360,12 @@ impl Io<'_> {
             let read = tokio::select! {
                 r = tokio::time::timeout(self.idle, io.read(&mut buf)) => r,
                 () = closing => {
-                    events.extend(session.shutdown());
+                    let close = session.shutdown();
+                    if close.is_empty() {
+                        // Already closed: nothing left to say.
+                        return Ok(Step::End(SessionEnd::Closed(CloseReason::Shutdown)));
+                    }
+                    events.extend(close);
                     continue;
                 }
             };
