@@ -320,9 +320,15 @@ impl Config {
     /// assert!(err.to_string().contains("prot"));
     /// ```
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::from("<string>"),
-            message: e.to_string().trim_end().to_string(),
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let message = e.to_string().trim_end().to_string();
+            ConfigError::Parse {
+                path: PathBuf::from("<string>"),
+                message: match key_of_error(text) {
+                    Some(key) => format!("key {key}: {message}"),
+                    None => message,
+                },
+            }
         })?;
         cfg.validate()?;
         Ok(cfg)
@@ -438,6 +444,15 @@ impl Config {
     }
 }
 
+/// The dotted key (`delivery.port`) at which `text` fails to deserialise, if the
+/// failure is at a key (not a TOML syntax error).
+fn key_of_error(text: &str) -> Option<String> {
+    let de = toml::Deserializer::parse(text).ok()?;
+    let err = serde_path_to_error::deserialize::<_, Config>(de).err()?;
+    let path = err.path().to_string();
+    (!path.is_empty() && path != ".").then_some(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,7 +550,19 @@ mod tests {
         let p = dir.path().join("c.toml");
         std::fs::write(&p, "[delivery]\nport = \"x\"\n").unwrap();
         let e = Config::load(&p).unwrap_err().to_string();
-        assert!(e.contains("c.toml") && e.contains("port"), "{e}");
+        assert!(
+            e.contains("c.toml") && e.contains("key delivery.port"),
+            "{e}"
+        );
+        std::fs::write(&p, "[server]\nlisten = \"1.2.3.4\"\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("c.toml") && e.contains("key server.listen"),
+            "{e}"
+        );
+        std::fs::write(&p, "[dns]\nnameservers = [\"1.2.3.4:53\", \"x\"]\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("key dns.nameservers[1]"), "{e}");
     }
 }
 
