@@ -153,13 +153,15 @@ async fn main() {
 
     // stsrelay
     let listen = free_port();
+    let admin = free_port();
     let cfg = dir.path().join("stsrelay.toml");
     std::fs::write(
         &cfg,
         format!(
             "[dns]\nnameservers = [\"{}\"]\n[tls]\nextra_roots = [\"{}\"]\n[storage]\ndata_dir = \"{}\"\n\
              [delivery]\nport = {sink_port}\nhelo_name = \"relay.bench.test\"\n[sts]\npolicy_port = {}\n\
-             [server]\nlisten = \"127.0.0.1:{listen}\"\nmax_recipients = 10\n",
+             [server]\nlisten = \"127.0.0.1:{listen}\"\nmax_recipients = 10\n\
+             [admin]\nlisten = \"127.0.0.1:{admin}\"\n[log]\nlevel = \"warn\"\n",
             dns.addr(),
             ca.write_ca_pem(dir.path()).display(),
             dir.path().join("data").display(),

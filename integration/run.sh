@@ -417,6 +417,7 @@ else echo "ok   enforce_never_delivers_to_bad_mx"; passed=$((passed+1)); fi
 
 # --- TLS-RPT reports: parsedmarc and dkimpy read what the relay sent -----------------
 source "$HERE/tlsrpt.sh"
+source "$HERE/ops.sh"
 
 source "$HERE/socketmap.sh"
 

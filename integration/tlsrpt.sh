@@ -50,6 +50,8 @@ contact_info = "tlsrpt@sender.test"
 dkim_key_file = "$W/dkim.pem"
 send_delay_max_secs = 0
 https_retry_secs = 2
+# The endpoint is on 127.0.0.81 (loopback inside the namespace).
+allow_private_rua = true
 CFG
 RUST_LOG=stsrelay=debug ip netns exec "$NS" "$BIN" --config "$W/relay.toml" run >>"$W/relay.log" 2>&1 &
 RELAY_PID=$!

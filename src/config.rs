@@ -61,6 +61,10 @@ pub struct Config {
     pub socketmap: Option<crate::socketmap::SocketmapConfig>,
     /// `[tlsrpt]`
     pub tlsrpt: TlsRptConfig,
+    /// `[admin]`
+    pub admin: AdminConfig,
+    /// `[log]`
+    pub log: LogConfig,
     #[serde(skip)]
     source: Option<PathBuf>,
 }
@@ -217,6 +221,10 @@ pub struct QueueConfig {
     pub max_concurrency: usize,
     /// Deliveries in flight per destination domain (default 20, as Postfix).
     pub max_per_domain: usize,
+    /// On SIGTERM, wait at most this long for deliveries and client sessions in
+    /// progress to finish before exiting, seconds (default 30). What is cut off stays
+    /// queued (delivered again later, never lost).
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for QueueConfig {
@@ -226,6 +234,61 @@ impl Default for QueueConfig {
             lifetime_secs: 5 * 86_400,
             max_concurrency: 64,
             max_per_domain: 20,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+/// `[admin]`: the operator's HTTP endpoint (`/metrics`, `/healthz`, `/readyz`, status page).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Serve the admin HTTP endpoint at all (default true).
+    pub enabled: bool,
+    /// Address to listen on (default `127.0.0.1:9725`). Loopback only, unless
+    /// `allow_non_loopback` is set: the endpoint has no authentication.
+    pub listen: SocketAddr,
+    /// Permit a `listen` address that is not loopback (default false).
+    pub allow_non_loopback: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9725)),
+            allow_non_loopback: false,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable `key=value` lines (default).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`: where and how the relay logs (standard error; journald picks it up).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json` (default `text`).
+    pub format: LogFormat,
+    /// Filter in `RUST_LOG` syntax (default `stsrelay=info,warn`); the `RUST_LOG`
+    /// environment variable, when set, wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "stsrelay=info,warn".to_string(),
         }
     }
 }
@@ -268,6 +331,10 @@ pub struct TlsRptConfig {
     pub give_up_secs: u64,
     /// Keep session counters and sent reports this many days (default 14).
     pub keep_days: u32,
+    /// Allow `https:` rua endpoints on loopback, private, link-local and other
+    /// non-public addresses (default false: a domain's DNS must not make the relay talk
+    /// to internal services). For tests and closed networks.
+    pub allow_private_rua: bool,
 }
 
 impl Default for TlsRptConfig {
@@ -286,6 +353,7 @@ impl Default for TlsRptConfig {
             https_retry_secs: 300,
             give_up_secs: 86_400,
             keep_days: 14,
+            allow_private_rua: false,
         }
     }
 }
@@ -352,9 +420,15 @@ impl Config {
     /// assert!(err.to_string().contains("prot"));
     /// ```
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::from("<string>"),
-            message: e.to_string().trim_end().to_string(),
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let message = e.to_string().trim_end().to_string();
+            ConfigError::Parse {
+                path: PathBuf::from("<string>"),
+                message: match key_of_error(text) {
+                    Some(key) => format!("key {key}: {message}"),
+                    None => message,
+                },
+            }
         })?;
         cfg.validate()?;
         Ok(cfg)
@@ -409,6 +483,24 @@ impl Config {
         if self.server.max_message_size == 0 || self.server.max_recipients == 0 {
             return invalid("server.max_message_size", "limits must be positive");
         }
+        if self.queue.shutdown_grace_secs > 3600 {
+            return invalid("queue.shutdown_grace_secs", "must be at most 3600");
+        }
+        if self.admin.enabled
+            && !self.admin.listen.ip().is_loopback()
+            && !self.admin.allow_non_loopback
+        {
+            return invalid(
+                "admin.listen",
+                "not a loopback address; the admin endpoint has no authentication: set admin.allow_non_loopback = true to expose it",
+            );
+        }
+        if self.log.level.trim().is_empty() {
+            return invalid("log.level", "must not be empty");
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return invalid("log.level", &format!("not a RUST_LOG-style filter: {e}"));
+        }
         if self.delivery.port == 0 {
             return invalid("delivery.port", "must not be 0");
         }
@@ -421,6 +513,14 @@ impl Config {
             return invalid(key, &message);
         }
         let r = &self.tlsrpt;
+        let is_addr = |a: &str| {
+            a.rsplit_once('@').is_some_and(|(l, d)| {
+                !l.is_empty()
+                    && l.bytes()
+                        .all(|b| b.is_ascii_graphic() && !b"<>()[]\\,;:@\"".contains(&b))
+                    && crate::dns::is_ldh_domain(d)
+            })
+        };
         if r.enabled {
             if r.organization_name.trim().is_empty() {
                 return invalid(
@@ -428,25 +528,47 @@ impl Config {
                     "required when reports are enabled",
                 );
             }
-            let addr_ok = r
-                .contact_info
-                .rsplit_once('@')
-                .is_some_and(|(l, d)| !l.is_empty() && crate::dns::is_ldh_domain(d));
-            if !addr_ok {
+            if !is_addr(&r.contact_info) {
                 return invalid(
                     "tlsrpt.contact_info",
                     "must be an e-mail address such as tlsrpt@example.com",
                 );
             }
-            if !crate::dns::is_ldh_domain(&r.submitter_domain()) {
-                return invalid("tlsrpt.submitter", "must be a domain name");
+            let contact_domain = r
+                .contact_info
+                .rsplit_once('@')
+                .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase())
+                .unwrap_or_default();
+            if r.submitter_domain() != contact_domain {
+                return invalid(
+                    "tlsrpt.submitter",
+                    "must be the domain of tlsrpt.contact_info (RFC 8460 §5.3)",
+                );
+            }
+            if !is_addr(&r.sender()) {
+                return invalid("tlsrpt.mail_from", "must be an e-mail address");
+            }
+            if !crate::dns::is_ldh_domain(&r.dkim_signing_domain()) {
+                return invalid("tlsrpt.dkim_domain", "must be a domain name");
+            }
+            if !crate::dns::is_ldh_domain(&r.dkim_selector) {
+                return invalid("tlsrpt.dkim_selector", "must be a DNS label such as tlsrpt");
             }
         }
-        if r.https_timeout_secs == 0 || r.https_retry_secs == 0 {
-            return invalid("tlsrpt.https_timeout_secs", "must be positive");
+        if r.https_timeout_secs == 0 || r.https_timeout_secs > 600 {
+            return invalid("tlsrpt.https_timeout_secs", "must be between 1 and 600");
         }
-        if r.give_up_secs == 0 || r.keep_days == 0 {
-            return invalid("tlsrpt.give_up_secs", "must be positive");
+        if r.https_retry_secs == 0 || r.https_retry_secs > 86_400 {
+            return invalid("tlsrpt.https_retry_secs", "must be between 1 and 86400");
+        }
+        if r.give_up_secs == 0 || r.give_up_secs > 7 * 86_400 {
+            return invalid("tlsrpt.give_up_secs", "must be between 1 and 604800");
+        }
+        if r.keep_days == 0 {
+            return invalid("tlsrpt.keep_days", "must be positive");
+        }
+        if r.send_delay_max_secs > 86_400 {
+            return invalid("tlsrpt.send_delay_max_secs", "must be at most 86400");
         }
         Ok(())
     }
@@ -483,6 +605,15 @@ impl Config {
     pub fn dns_timeout(&self) -> Duration {
         Duration::from_secs(self.dns.timeout_secs.unwrap_or(5))
     }
+}
+
+/// The dotted key (`delivery.port`) at which `text` fails to deserialise, if the
+/// failure is at a key (not a TOML syntax error).
+fn key_of_error(text: &str) -> Option<String> {
+    let de = toml::Deserializer::parse(text).ok()?;
+    let err = serde_path_to_error::deserialize::<_, Config>(de).err()?;
+    let path = err.path().to_string();
+    (!path.is_empty() && path != ".").then_some(path)
 }
 
 #[cfg(test)]
@@ -564,6 +695,51 @@ mod tests {
         assert_eq!(c.tlsrpt.submitter_domain(), "mail.example.com");
         assert_eq!(c.tlsrpt.sender(), "tlsrpt-noreply@mail.example.com");
         assert_eq!(c.tlsrpt.dkim_signing_domain(), "mail.example.com");
+        let e = Config::from_toml(
+            "[tlsrpt]\nenabled = true\norganization_name = \"X\"\ncontact_info = \"r@a.example\"\nsubmitter = \"b.example\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("tlsrpt.submitter"), "{e}");
+        let e = Config::from_toml("[tlsrpt]\nkeep_days = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tlsrpt.keep_days"), "{e}");
+        let e = Config::from_toml("[tlsrpt]\nhttps_retry_secs = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tlsrpt.https_retry_secs"), "{e}");
+    }
+
+    #[test]
+    fn admin_is_loopback_unless_allowed() {
+        let c = Config::default();
+        assert_eq!(c.admin.listen, "127.0.0.1:9725".parse().unwrap());
+        let e = Config::from_toml("[admin]\nlisten = \"0.0.0.0:9725\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("admin.listen"), "{e}");
+        let c =
+            Config::from_toml("[admin]\nlisten = \"0.0.0.0:9725\"\nallow_non_loopback = true\n")
+                .unwrap();
+        assert!(!c.admin.listen.ip().is_loopback());
+        let c = Config::from_toml("[admin]\nlisten = \"[::1]:9725\"\n").unwrap();
+        assert!(c.admin.listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn log_format_is_text_or_json() {
+        assert_eq!(Config::default().log.format, LogFormat::Text);
+        let c = Config::from_toml("[log]\nformat = \"json\"\n").unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        let e = Config::from_toml("[log]\nformat = \"xml\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("xml"), "{e}");
+        let e = Config::from_toml("[log]\nlevel = \"stsrelay=loud\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("log.level"), "{e}");
     }
 
     #[test]
@@ -572,7 +748,19 @@ mod tests {
         let p = dir.path().join("c.toml");
         std::fs::write(&p, "[delivery]\nport = \"x\"\n").unwrap();
         let e = Config::load(&p).unwrap_err().to_string();
-        assert!(e.contains("c.toml") && e.contains("port"), "{e}");
+        assert!(
+            e.contains("c.toml") && e.contains("key delivery.port"),
+            "{e}"
+        );
+        std::fs::write(&p, "[server]\nlisten = \"1.2.3.4\"\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("c.toml") && e.contains("key server.listen"),
+            "{e}"
+        );
+        std::fs::write(&p, "[dns]\nnameservers = [\"1.2.3.4:53\", \"x\"]\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("key dns.nameservers[1]"), "{e}");
     }
 }
 
@@ -590,6 +778,8 @@ mod example_file {
         assert_eq!(format!("{:?}", c.server), format!("{:?}", d.server));
         assert_eq!(format!("{:?}", c.queue), format!("{:?}", d.queue));
         assert_eq!(format!("{:?}", c.tlsrpt), format!("{:?}", d.tlsrpt));
+        assert_eq!(format!("{:?}", c.admin), format!("{:?}", d.admin));
+        assert_eq!(format!("{:?}", c.log), format!("{:?}", d.log));
         assert_eq!(
             c.socketmap, None,
             "[socketmap] is commented out: present = enabled"

@@ -26,6 +26,7 @@ pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod dns;
+pub mod ops;
 pub mod queue;
 pub mod relay;
 pub mod smtp;

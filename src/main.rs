@@ -115,14 +115,6 @@ const EX_TEMPFAIL: u8 = 75;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
     let cfg = match &cli.config {
         Some(path) => Config::load(path),
         None => Ok(Config::default()),
@@ -138,6 +130,10 @@ fn main() -> ExitCode {
             });
         }
     };
+    init_logging(
+        &cfg,
+        matches!(cli.command, Command::Run | Command::Socketmap),
+    );
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -178,31 +174,45 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cfg: Config) -> ExitCode {
-    until_signal(stsrelay::relay::run(cfg), |e| e.is_config()).await
+/// Logs on standard error: `log.format` text or JSON, filter `RUST_LOG` or `log.level`.
+/// The one-shot commands log warnings only unless `RUST_LOG` says otherwise.
+fn init_logging(cfg: &Config, daemon: bool) {
+    use stsrelay::config::LogFormat;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        let level = if daemon {
+            cfg.log.level.as_str()
+        } else {
+            "warn"
+        };
+        tracing_subscriber::EnvFilter::try_new(level)
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match cfg.log.format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
 }
 
 async fn socketmap(cfg: Config) -> ExitCode {
-    until_signal(stsrelay::socketmap::run(&cfg), |e| e.is_config()).await
-}
-
-/// Run a daemon until it fails (78 for configuration errors, 75 otherwise) or a signal
-/// stops it (0).
-async fn until_signal<E: std::fmt::Display>(
-    daemon: impl std::future::Future<Output = Result<(), E>>,
-    is_config: impl Fn(&E) -> bool,
-) -> ExitCode {
-    tokio::select! {
-        r = daemon => match r {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("stsrelay: {e}");
-                ExitCode::from(if is_config(&e) { EX_CONFIG } else { EX_TEMPFAIL })
-            }
-        },
-        _ = shutdown_signal() => {
-            tracing::info!("stopping");
-            ExitCode::SUCCESS
+    match stsrelay::socketmap::run(&cfg).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stsrelay: {e}");
+            ExitCode::from(if e.is_config() {
+                EX_CONFIG
+            } else {
+                EX_TEMPFAIL
+            })
         }
     }
 }
@@ -325,17 +335,43 @@ async fn send_reports(
     Ok(())
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
+async fn run(cfg: Config) -> ExitCode {
+    // The binary records into Prometheus; the library only calls the `metrics` facade.
+    use stsrelay::ops::metrics::{DELAY_BUCKETS, names};
+    let builder = metrics_exporter_prometheus::PrometheusBuilder::new().set_buckets_for_metric(
+        metrics_exporter_prometheus::Matcher::Full(names::DELIVERY_DELAY.to_string()),
+        DELAY_BUCKETS,
+    );
+    let handle = match builder.and_then(|b| b.install_recorder()) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics exporter not installed; /metrics is off");
+            None
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+    };
+    stsrelay::ops::metrics::describe();
+    let render: Option<stsrelay::ops::admin::MetricsRender> = handle.map(|h| {
+        let f: stsrelay::ops::admin::MetricsRender = std::sync::Arc::new(move || {
+            h.run_upkeep();
+            h.render()
+        });
+        f
+    });
+    let source = cfg
+        .source()
+        .map(|p| format!(" (config file {})", p.display()))
+        .unwrap_or_default();
+    match stsrelay::relay::run(cfg, render).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is_config() => {
+            tracing::error!(error = %e, "cannot start");
+            eprintln!("stsrelay: {e}{source}");
+            ExitCode::from(EX_CONFIG)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            eprintln!("stsrelay: {e}");
+            ExitCode::from(EX_TEMPFAIL)
         }
     }
 }

@@ -1,44 +1,63 @@
 //! `stsrelay run`: the relay's parts wired together — the SMTP listener (inbound),
-//! the spool, the scheduler and delivery under the MTA-STS engine.
+//! the spool, the scheduler and delivery under the MTA-STS engine — and its life
+//! cycle: readiness, SIGHUP reload, graceful SIGTERM shutdown, the admin endpoint.
 
 use crate::Config;
 use crate::delivery::Deliverer;
 use crate::dns::Resolver;
+use crate::ops::admin::{AdminSource, MetricsRender};
+use crate::ops::signals::Control;
+use crate::ops::status::{PolicyRow, Status};
 use crate::queue::scheduler::Scheduler;
 use crate::queue::spool::{Envelope, Notify, RecipientSpec, Ret, Spool};
 use crate::smtp::auth::UserFile;
-use crate::smtp::inbound::{self, InboundEnvelope, MessageSink, SessionConfig};
+use crate::smtp::inbound::{self, InboundEnvelope, MessageSink, SessionConfig, Shutdown};
 use crate::store::SqliteStore;
 use crate::sts::{Engine, EngineOptions, FetchOptions, HttpsFetcher};
 use crate::tls::TrustStore;
 use crate::tlsrpt::{ReportService, SessionRecorder, StoreRecorder};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc, watch};
 
 /// Most inbound connections served at once; more wait in the listen backlog.
 const MAX_INBOUND: usize = 10_000;
 
+/// Keys a SIGHUP applies to new SMTP sessions at once; every other key needs a restart.
+pub const LIVE_KEYS: &[&str] = &[
+    "server.allow",
+    "server.hostname",
+    "server.max_message_size",
+    "server.max_recipients",
+    "server.idle_timeout_secs",
+    "server.tls_cert",
+    "server.tls_key",
+    "server.auth_users_file",
+];
+
 /// Why the relay could not start (or stopped).
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    /// A part could not be set up (message names the part and the config key).
+    /// A configured part is unusable (message names the config key): exit 78.
     #[error("{0}")]
     Setup(String),
+    /// A resource is unavailable now (spool, store, a port in use): exit 75.
+    #[error("{0}")]
+    Unavailable(String),
     /// The listener failed.
-    #[error("cannot listen on {addr} (server.listen): {source}")]
+    #[error("cannot listen on {addr} ({key}): {source}")]
     Listen {
         /// Address.
         addr: std::net::SocketAddr,
+        /// The config key of the address.
+        key: &'static str,
         /// Error.
         source: std::io::Error,
     },
-    /// The `[socketmap]` listeners could not be set up.
-    #[error("{0}")]
-    Socketmap(String),
 }
 
 impl RelayError {
@@ -48,20 +67,61 @@ impl RelayError {
     }
 }
 
+/// What a SIGHUP can change while running: the config as last loaded and what is
+/// built from its `[server]` section.
+struct Live {
+    cfg: Config,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    users: Option<UserFile>,
+}
+
+impl Live {
+    fn build(cfg: Config) -> Result<Live, RelayError> {
+        let tls = match (&cfg.server.tls_cert, &cfg.server.tls_key) {
+            (Some(cert), Some(key)) => Some(acceptor(cert, key)?),
+            _ => None,
+        };
+        let users = match &cfg.server.auth_users_file {
+            Some(path) => {
+                Some(UserFile::load(path).map_err(setup("SMTP AUTH (server.auth_users_file)"))?)
+            }
+            None => None,
+        };
+        Ok(Live { cfg, tls, users })
+    }
+}
+
+/// Readiness as `/readyz` reports it.
+#[derive(Debug, Default)]
+struct Readiness {
+    /// The SMTP listener is bound and accepting.
+    listening: AtomicBool,
+    /// The spool is open and the last message could be stored.
+    spool: AtomicBool,
+    /// The policy store is open.
+    store: AtomicBool,
+}
+
 /// The running relay's shared parts.
 pub struct Relay {
+    /// The config the relay started with (keys that need a restart).
     cfg: Config,
+    live: Arc<RwLock<Arc<Live>>>,
     spool: Spool,
     scheduler: Scheduler,
     engine: Engine,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    users: Option<UserFile>,
+    ready: Arc<Readiness>,
+    started: i64,
     socketmap: Option<crate::socketmap::Server>,
     reports: Option<Arc<ReportService>>,
 }
 
 fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> RelayError + '_ {
     move |e| RelayError::Setup(format!("{what}: {e}"))
+}
+
+fn unavailable<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> RelayError + '_ {
+    move |e| RelayError::Unavailable(format!("{what}: {e}"))
 }
 
 impl Relay {
@@ -71,14 +131,15 @@ impl Relay {
         let data_dir = cfg.storage.data_dir.clone();
         let spool = tokio::task::spawn_blocking(move || Spool::open(&data_dir))
             .await
-            .map_err(setup("spool"))?
-            .map_err(setup("spool (storage.data_dir)"))?;
+            .map_err(unavailable("spool"))?
+            .map_err(unavailable("spool (storage.data_dir)"))?;
         let resolver = Resolver::from_config(&cfg).map_err(setup("DNS (dns.nameservers)"))?;
-        let trust = TrustStore::from_config(&cfg).map_err(setup("trust store"))?;
+        let trust =
+            TrustStore::from_config(&cfg).map_err(setup("trust store (tls.extra_roots)"))?;
         let fetcher = HttpsFetcher::new(resolver.clone(), &trust, FetchOptions::from_config(&cfg))
             .map_err(setup("policy fetcher"))?;
         let store = SqliteStore::open(&cfg.storage.data_dir)
-            .map_err(setup("policy store (storage.data_dir)"))?;
+            .map_err(unavailable("policy store (storage.data_dir)"))?;
         let store = Arc::new(store);
         let engine = Engine::builder(Arc::new(resolver.clone()), Arc::new(fetcher), store.clone())
             .options(EngineOptions::from_config(&cfg))
@@ -110,21 +171,18 @@ impl Relay {
                 tokio::spawn(async move { s.submit(id).await });
             })))
         });
-        let tls = match (&cfg.server.tls_cert, &cfg.server.tls_key) {
-            (Some(cert), Some(key)) => Some(acceptor(cert, key)?),
-            _ => None,
-        };
-        let users = match &cfg.server.auth_users_file {
-            Some(path) => Some(UserFile::load(path).map_err(setup("SMTP AUTH"))?),
-            None => None,
-        };
+        let live = Live::build(cfg.clone())?;
+        let ready = Arc::new(Readiness::default());
+        ready.spool.store(true, Ordering::SeqCst);
+        ready.store.store(true, Ordering::SeqCst);
         Ok(Relay {
             cfg,
+            live: Arc::new(RwLock::new(Arc::new(live))),
             spool,
             scheduler,
             engine,
-            tls,
-            users,
+            ready,
+            started: crate::clock::Clock::now(&crate::clock::SystemClock),
             socketmap,
             reports,
         })
@@ -140,33 +198,101 @@ impl Relay {
         &self.scheduler
     }
 
-    /// Bind `server.listen` (and the `[socketmap]` listeners, if configured) and serve
-    /// until the returned future is dropped: accepts clients, spools their mail and
-    /// delivers it; answers Postfix's TLS-policy queries.
-    pub async fn run(self) -> Result<(), RelayError> {
-        let listener = TcpListener::bind(self.cfg.server.listen)
-            .await
-            .map_err(|source| RelayError::Listen {
-                addr: self.cfg.server.listen,
-                source,
-            })?;
-        let _socketmap = match &self.socketmap {
-            Some(server) => {
-                let listeners = server.bind().await.map_err(|e| match e {
-                    crate::socketmap::SocketmapError::Setup(m) => RelayError::Setup(m),
-                    other => RelayError::Socketmap(other.to_string()),
-                })?;
-                Some(AbortOnDrop(tokio::spawn(server.clone().serve(listeners))))
-            }
-            None => None,
-        };
-        self.serve(listener).await
+    fn live(&self) -> Arc<Live> {
+        self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Serve on an already bound listener.
-    pub async fn serve(self, listener: TcpListener) -> Result<(), RelayError> {
+    /// What the admin endpoint shows of this relay.
+    pub fn admin_source(&self) -> Arc<dyn AdminSource> {
+        Arc::new(RelayStatus {
+            live: self.live.clone(),
+            spool: self.spool.clone(),
+            scheduler: self.scheduler.clone(),
+            engine: self.engine.clone(),
+            ready: self.ready.clone(),
+            started: self.started,
+        })
+    }
+
+    /// Re-read the config file and rebuild what [`LIVE_KEYS`] cover (re-reading the
+    /// TLS certificate and the AUTH users file even when their paths are unchanged).
+    /// New SMTP sessions use the result; open ones keep theirs. Returns the sections
+    /// whose changes need a restart. On error the running config stays.
+    pub fn reload(&self) -> Result<Vec<&'static str>, RelayError> {
+        let Some(path) = self.cfg.source() else {
+            return Err(RelayError::Setup(
+                "started without --config: nothing to reload".into(),
+            ));
+        };
+        let new = Config::load(path).map_err(|e| RelayError::Setup(e.to_string()))?;
+        let restart = needs_restart(&self.cfg, &new);
+        let live = Live::build(new)
+            .map_err(|e| RelayError::Setup(format!("config file {}: {e}", path.display())))?;
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
+        Ok(restart)
+    }
+
+    fn apply_reload(&self) {
+        crate::ops::notify::reloading();
+        match self.reload() {
+            Ok(restart) if restart.is_empty() => {
+                crate::ops::metrics::config_reload(true);
+                tracing::info!(live = %LIVE_KEYS.join(", "), "configuration reloaded");
+            }
+            Ok(restart) => {
+                crate::ops::metrics::config_reload(true);
+                tracing::warn!(live = %LIVE_KEYS.join(", "), needs_restart = %restart.join(", "),
+                    "configuration reloaded; changes to these sections take effect after a restart");
+            }
+            Err(e) => {
+                crate::ops::metrics::config_reload(false);
+                tracing::error!(error = %e, "configuration reload failed; the running configuration stays");
+            }
+        }
+        crate::ops::notify::ready("reloaded");
+    }
+
+    /// `[socketmap]`, if configured: bind its listeners and answer from this relay's
+    /// engine until the returned guard is dropped (keep it past the graceful shutdown).
+    /// Called before the SMTP listener is bound, so the socketmap is ready once SMTP is.
+    async fn start_socketmap(&self) -> Result<Option<AbortOnDrop<()>>, RelayError> {
+        let Some(server) = &self.socketmap else {
+            return Ok(None);
+        };
+        let listeners = server.bind().await.map_err(|e| match e {
+            crate::socketmap::SocketmapError::Setup(m) => RelayError::Setup(m),
+            other => RelayError::Unavailable(other.to_string()),
+        })?;
+        Ok(Some(AbortOnDrop(tokio::spawn(
+            server.clone().serve(listeners),
+        ))))
+    }
+
+    /// Bind `server.listen` (and the `[socketmap]` listeners, if configured) and serve,
+    /// with SIGHUP reloading and SIGTERM/SIGINT stopping (see [`Relay::serve`]).
+    pub async fn run(self) -> Result<(), RelayError> {
+        let _socketmap = self.start_socketmap().await?;
+        let listener = bind_smtp(&self.cfg).await?;
+        let controls = crate::ops::signals::listen().map_err(unavailable("signal handlers"))?;
+        self.serve(listener, controls).await
+    }
+
+    /// Serve on an already bound listener: accept clients, spool their mail and
+    /// deliver it, until a [`Control::Stop`] arrives on `controls` (a
+    /// [`Control::Reload`] reloads). Then shut down gracefully: stop accepting, close
+    /// idle client sessions with `421`, let sessions finish the message they are
+    /// sending, start no new deliveries, and wait for deliveries in flight, at most
+    /// `queue.shutdown_grace_secs` (a second `Stop` cuts the wait short). What is cut
+    /// off was not acknowledged or not recorded, so it is received again or delivered
+    /// again: nothing acknowledged is lost.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        mut controls: mpsc::Receiver<Control>,
+    ) -> Result<(), RelayError> {
         let addr = listener.local_addr().map_err(|source| RelayError::Listen {
             addr: self.cfg.server.listen,
+            key: "server.listen",
             source,
         })?;
         tracing::info!(%addr, data_dir = %self.cfg.storage.data_dir.display(), "stsrelay listening");
@@ -181,33 +307,69 @@ impl Relay {
         let sink = Arc::new(SpoolSink {
             spool: self.spool.clone(),
             scheduler: self.scheduler.clone(),
+            ready: self.ready.clone(),
         });
         let limit = Arc::new(Semaphore::new(MAX_INBOUND));
-        let idle = Duration::from_secs(self.cfg.server.idle_timeout_secs);
+        let (stop, stopped) = watch::channel(false);
+        let shutdown = Shutdown::from_watch(stopped);
+        self.ready.listening.store(true, Ordering::SeqCst);
+        crate::ops::notify::ready("accepting mail");
+        let mut controls_open = true;
         loop {
-            let Ok(permit) = limit.clone().acquire_owned().await else {
-                return Ok(());
+            let accepted = tokio::select! {
+                c = controls.recv(), if controls_open => match c {
+                    Some(Control::Reload) => {
+                        self.apply_reload();
+                        continue;
+                    }
+                    Some(Control::Stop) => break,
+                    None => {
+                        controls_open = false;
+                        continue;
+                    }
+                },
+                a = accept(&listener, &limit) => a,
             };
-            let (stream, peer) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
+            let Some((stream, peer, permit)) = accepted else {
+                continue;
             };
             // Replies go out as soon as they are written (one write per pipelined batch).
             let _ = stream.set_nodelay(true);
-            let cfg = self.session_config(peer.ip());
-            let (sink, tls, users) = (sink.clone(), self.tls.clone(), self.users.clone());
+            let live = self.live();
+            let cfg = session_config(&live, peer.ip());
+            let idle = Duration::from_secs(live.cfg.server.idle_timeout_secs);
+            let (sink, shutdown) = (sink.clone(), shutdown.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                let served = match &users {
+                let _counted = crate::ops::metrics::inbound_session();
+                let tls = live.tls.clone();
+                let served = match &live.users {
                     Some(u) => {
-                        inbound::serve_with_auth(stream, cfg, peer, sink.as_ref(), u, tls, idle)
-                            .await
+                        inbound::serve_until(
+                            stream,
+                            cfg,
+                            peer,
+                            sink.as_ref(),
+                            u,
+                            tls,
+                            idle,
+                            shutdown,
+                        )
+                        .await
                     }
-                    None => inbound::serve(stream, cfg, peer, sink.as_ref(), tls, idle).await,
+                    None => {
+                        inbound::serve_until(
+                            stream,
+                            cfg,
+                            peer,
+                            sink.as_ref(),
+                            &inbound::NoAuth,
+                            tls,
+                            idle,
+                            shutdown,
+                        )
+                        .await
+                    }
                 };
                 match served {
                     Ok(s) => tracing::debug!(%peer, queued = ?s.queue_ids, "session closed"),
@@ -215,22 +377,229 @@ impl Relay {
                 }
             });
         }
+        drop(listener);
+        self.drain(&limit, &stop, &mut controls, controls_open)
+            .await;
+        Ok(())
     }
 
-    fn session_config(&self, peer: std::net::IpAddr) -> SessionConfig {
-        let mut c = SessionConfig::new(self.cfg.server_hostname());
-        c.max_message_size = self.cfg.server.max_message_size;
-        c.max_recipients = self.cfg.server.max_recipients;
-        c.starttls_available = self.tls.is_some();
-        c.auth_available = self.users.is_some();
-        c.client_allowed = self.cfg.relay_allowed(peer);
-        c
+    /// Graceful shutdown after the listener is closed: `421` to idle sessions, no new
+    /// deliveries, then wait (bounded by `queue.shutdown_grace_secs`, or a second
+    /// `Stop`) until no delivery and no client session is left.
+    async fn drain(
+        &self,
+        limit: &Semaphore,
+        stop: &watch::Sender<bool>,
+        controls: &mut mpsc::Receiver<Control>,
+        mut controls_open: bool,
+    ) {
+        self.ready.listening.store(false, Ordering::SeqCst);
+        crate::ops::notify::stopping();
+        stop.send_replace(true);
+        self.scheduler.stop();
+        let sessions = || MAX_INBOUND - limit.available_permits();
+        let grace = Duration::from_secs(self.cfg.queue.shutdown_grace_secs);
+        tracing::info!(
+            grace_secs = grace.as_secs(),
+            deliveries = self.scheduler.in_flight(),
+            sessions = sessions(),
+            "stopping: no longer accepting; waiting for work in progress"
+        );
+        let deadline = Instant::now() + grace;
+        loop {
+            let (deliveries, sessions) = (self.scheduler.in_flight(), sessions());
+            if deliveries == 0 && sessions == 0 {
+                tracing::info!("stopped: all work finished");
+                return;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    deliveries,
+                    sessions,
+                    "stopped: grace period over; unfinished deliveries stay queued"
+                );
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                c = controls.recv(), if controls_open => match c {
+                    Some(Control::Stop) => {
+                        tracing::warn!(deliveries, sessions, "stopped at once (second stop signal); unfinished deliveries stay queued");
+                        return;
+                    }
+                    Some(Control::Reload) => {}
+                    None => controls_open = false,
+                },
+            }
+        }
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Bind `server.listen`.
+async fn bind_smtp(cfg: &Config) -> Result<TcpListener, RelayError> {
+    TcpListener::bind(cfg.server.listen)
+        .await
+        .map_err(|source| RelayError::Listen {
+            addr: cfg.server.listen,
+            key: "server.listen",
+            source,
+        })
+}
 
-impl Drop for AbortOnDrop {
+/// One accepted connection with its concurrency permit; `None` after a failed accept
+/// (logged, and paced so a persistent error does not spin).
+async fn accept(
+    listener: &TcpListener,
+    limit: &Arc<Semaphore>,
+) -> Option<(
+    tokio::net::TcpStream,
+    std::net::SocketAddr,
+    tokio::sync::OwnedSemaphorePermit,
+)> {
+    let permit = limit.clone().acquire_owned().await.ok()?;
+    match listener.accept().await {
+        Ok((stream, peer)) => Some((stream, peer, permit)),
+        Err(e) => {
+            tracing::warn!(error = %e, "accept failed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            None
+        }
+    }
+}
+
+fn session_config(live: &Live, peer: std::net::IpAddr) -> SessionConfig {
+    let mut c = SessionConfig::new(live.cfg.server_hostname());
+    c.max_message_size = live.cfg.server.max_message_size;
+    c.max_recipients = live.cfg.server.max_recipients;
+    c.starttls_available = live.tls.is_some();
+    c.auth_available = live.users.is_some();
+    c.client_allowed = live.cfg.relay_allowed(peer);
+    c
+}
+
+/// The config sections (and keys) that differ between `old` and `new` and are not
+/// applied by a reload.
+fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    let d = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    let mut out = Vec::new();
+    if old.server.listen != new.server.listen {
+        out.push("server.listen");
+    }
+    for (name, changed) in [
+        ("dns", d(&old.dns, &new.dns)),
+        ("tls", d(&old.tls, &new.tls)),
+        ("storage", d(&old.storage, &new.storage)),
+        ("delivery", d(&old.delivery, &new.delivery)),
+        ("sts", d(&old.sts, &new.sts)),
+        ("queue", d(&old.queue, &new.queue)),
+        ("admin", d(&old.admin, &new.admin)),
+        ("log", d(&old.log, &new.log)),
+    ] {
+        if changed {
+            out.push(name);
+        }
+    }
+    out
+}
+
+/// The admin endpoint's view of a relay.
+struct RelayStatus {
+    live: Arc<RwLock<Arc<Live>>>,
+    spool: Spool,
+    scheduler: Scheduler,
+    engine: Engine,
+    ready: Arc<Readiness>,
+    started: i64,
+}
+
+impl RelayStatus {
+    async fn counts(&self) -> Result<crate::queue::spool::QueueCounts, String> {
+        let spool = self.spool.clone();
+        match tokio::task::spawn_blocking(move || spool.counts()).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl AdminSource for RelayStatus {
+    fn not_ready(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if !self.ready.listening.load(Ordering::SeqCst) {
+            out.push("SMTP listener not bound");
+        }
+        if !self.ready.spool.load(Ordering::SeqCst) {
+            out.push("spool failing (the last message could not be stored)");
+        }
+        if !self.ready.store.load(Ordering::SeqCst) {
+            out.push("policy store not open");
+        }
+        out
+    }
+
+    async fn update_gauges(&self) {
+        match self.counts().await {
+            Ok(c) => {
+                crate::ops::metrics::queue(&c, crate::clock::Clock::now(&crate::clock::SystemClock))
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read queue totals for metrics"),
+        }
+    }
+
+    async fn status(&self) -> Status {
+        let now = crate::clock::Clock::now(&crate::clock::SystemClock);
+        let hostname = self
+            .live
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .cfg
+            .server_hostname();
+        let (policies, policies_total) = match self.engine.stored_policies().await {
+            Ok(mut all) => {
+                all.sort_by(|a, b| {
+                    a.expires_at()
+                        .cmp(&b.expires_at())
+                        .then(a.domain.cmp(&b.domain))
+                });
+                let total = all.len();
+                let rows = all
+                    .into_iter()
+                    .take(crate::ops::status::MAX_POLICIES_SHOWN)
+                    .map(|p| PolicyRow {
+                        mode: p.policy.mode.to_string(),
+                        mx: p.policy.mx.iter().map(|m| m.to_string()).collect(),
+                        expires_at: p.expires_at(),
+                        fetched_at: p.fetched_at,
+                        id: p.id,
+                        domain: p.domain,
+                    })
+                    .collect();
+                (rows, Some(total))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list cached policies for the status page");
+                (Vec::new(), None)
+            }
+        };
+        Status {
+            now,
+            started: self.started,
+            hostname,
+            ready: self.not_ready().is_empty(),
+            queue: self.counts().await,
+            in_flight: self.scheduler.in_flight(),
+            recent: self.scheduler.deliverer().activity().last_24h(now),
+            policies,
+            policies_total,
+        }
+    }
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
@@ -257,6 +626,7 @@ fn acceptor(
 struct SpoolSink {
     spool: Spool,
     scheduler: Scheduler,
+    ready: Arc<Readiness>,
 }
 
 /// The spool's envelope for an accepted message.
@@ -310,22 +680,55 @@ impl MessageSink for SpoolSink {
             inc.commit(&env)
         })
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| {
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        // Readiness follows the last attempt: failing while the spool fails.
+        self.ready.spool.store(id.is_ok(), Ordering::SeqCst);
+        let id = id.map_err(|e| {
             tracing::error!(error = %e, "cannot spool a message");
-            e.to_string()
+            e
         })?;
         tracing::info!(queue_id = %id, from = %envelope.mail_from, rcpts = envelope.recipients.len(), "queued");
+        crate::ops::metrics::message_received();
         let scheduler = self.scheduler.clone();
         tokio::spawn(async move { scheduler.submit(id).await });
         Ok(id.to_string())
     }
 }
 
-/// Run the relay; TLS session results are stored in `storage.data_dir` for TLS-RPT.
-pub async fn run(cfg: Config) -> Result<(), RelayError> {
+/// Run the relay until SIGTERM or SIGINT: TLS session results are stored in
+/// `storage.data_dir` for TLS-RPT; the admin endpoint (`[admin]`) serves `metrics`
+/// (when given), health, readiness and the status page; systemd is notified.
+pub async fn run(cfg: Config, metrics: Option<MetricsRender>) -> Result<(), RelayError> {
     let store = SqliteStore::open(&cfg.storage.data_dir)
-        .map_err(setup("session store (storage.data_dir)"))?;
+        .map_err(unavailable("session store (storage.data_dir)"))?;
     let recorder = Arc::new(StoreRecorder::spawn(Arc::new(store)));
-    Relay::new(cfg, recorder).await?.run().await
+    let relay = Relay::new(cfg.clone(), recorder.clone()).await?;
+    let _socketmap = relay.start_socketmap().await?;
+    let listener = bind_smtp(&cfg).await?;
+    let _admin = if cfg.admin.enabled {
+        let admin = TcpListener::bind(cfg.admin.listen)
+            .await
+            .map_err(|source| RelayError::Listen {
+                addr: cfg.admin.listen,
+                key: "admin.listen",
+                source,
+            })?;
+        tracing::info!(addr = %cfg.admin.listen, "admin endpoint listening");
+        let router = crate::ops::admin::router(relay.admin_source(), metrics);
+        Some(AbortOnDrop(tokio::spawn(async move {
+            if let Err(e) = crate::ops::admin::serve(admin, router, std::future::pending()).await {
+                tracing::error!(error = %e, "admin endpoint failed");
+            }
+        })))
+    } else {
+        None
+    };
+    let controls = crate::ops::signals::listen().map_err(unavailable("signal handlers"))?;
+    relay.serve(listener, controls).await?;
+    // The TLS session results of the last deliveries, for TLS-RPT.
+    if !recorder.flush(Duration::from_secs(5)).await {
+        tracing::warn!("some TLS session results were not written before exit");
+    }
+    Ok(())
 }

@@ -94,7 +94,7 @@ fn session(at: i64) -> SessionResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daily_run_waits_for_the_day_to_end_and_sends_once() {
-    let s = Setup::new("send_delay_max_secs = 0\n").await;
+    let s = Setup::new("send_delay_max_secs = 0\nallow_private_rua = true\n").await;
     s.host.serve(
         "reports.example.test",
         Behaviour::Respond {
@@ -114,8 +114,9 @@ async fn the_daily_run_waits_for_the_day_to_end_and_sends_once() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(s.store().ledger_list(None).await.unwrap().is_empty());
     assert!(!s.store().day_done(day).await.unwrap());
-    // Past midnight: the day's report is made and posted, once.
-    clock.advance(20);
+    // Past midnight (and the 30 s the last sessions get to be written): the day's
+    // report is made and posted, once.
+    clock.advance(50);
     let mut sent = false;
     for _ in 0..100 {
         let rows = s.store().ledger_list(Some(day)).await.unwrap();
@@ -141,7 +142,8 @@ async fn the_daily_run_waits_for_the_day_to_end_and_sends_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_retries_back_off_and_stop_after_a_day() {
-    let s = Setup::new("https_retry_secs = 300\ngive_up_secs = 86400\n").await;
+    let s = Setup::new("https_retry_secs = 300\ngive_up_secs = 86400\nallow_private_rua = true\n")
+        .await;
     s.host
         .serve("reports.example.test", Behaviour::status(503, "down"));
     let day: Day = "2026-11-27".parse().unwrap();
@@ -187,4 +189,45 @@ async fn https_retries_back_off_and_stop_after_a_day() {
 
 fn clock_now(c: &ManualClock) -> i64 {
     stsrelay::clock::Clock::now(c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_to_internal_addresses_are_refused_by_default() {
+    // reports.example.test resolves to 127.0.0.1: without tlsrpt.allow_private_rua the
+    // relay does not connect (the name may move to a public address: it is retried).
+    let s = Setup::new("").await;
+    s.host.serve(
+        "reports.example.test",
+        Behaviour::Respond {
+            status: 200,
+            headers: vec![],
+            body: vec![],
+        },
+    );
+    let day: Day = "2026-11-27".parse().unwrap();
+    s.store()
+        .add_counts(count(&[session(day.start() + 5)]))
+        .await
+        .unwrap();
+    let clock = ManualClock::new(day.end() + 3600);
+    let svc = s.service(&clock);
+    assert_eq!(svc.generate(day, None).await.unwrap()[0].new_rows, 1);
+    let rows = svc.deliver_due().await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0].state,
+        LedgerState::Pending,
+        "{:?}",
+        rows[0].last_result
+    );
+    assert!(
+        rows[0]
+            .last_result
+            .as_deref()
+            .unwrap_or_default()
+            .contains("allow_private_rua"),
+        "{:?}",
+        rows[0].last_result
+    );
+    assert_eq!(s.posts(), 0);
 }

@@ -29,6 +29,8 @@ pub struct Rcpt {
 /// What to send in one SMTP transaction.
 #[derive(Debug, Clone)]
 pub struct Transaction {
+    /// The spool's queue id, for logs (empty when there is none).
+    pub queue_id: String,
     /// Reverse-path ("" for the null sender).
     pub mail_from: String,
     /// Recipients, all at one domain.
@@ -48,6 +50,15 @@ pub struct Transaction {
     pub tls_optional: bool,
     /// The message is a TLS-RPT report: its sessions are not counted (R67).
     pub tlsrpt_exempt: bool,
+}
+
+impl Transaction {
+    /// Are this transaction's sessions counted for TLS-RPT? Not for reports (R67), and
+    /// not when the message set the domain's policy aside (`TLS-Required: No`): such a
+    /// session says nothing about the policy.
+    pub fn counts_for_tlsrpt(&self) -> bool {
+        !self.tlsrpt_exempt && !self.tls_optional
+    }
 }
 
 /// The result for one recipient.
@@ -92,6 +103,7 @@ pub struct Deliverer {
     connect_timeout: Duration,
     timeout: Duration,
     pool: Arc<Pool>,
+    activity: Arc<crate::ops::activity::Activity>,
 }
 
 /// The MX a transaction runs on: for logs and for putting the connection back.
@@ -119,8 +131,14 @@ fn pool_key(domain: &str, lookup: &Lookup) -> Key {
 enum SessionEnd {
     /// The transaction ran: per-recipient results.
     Done(Vec<RcptResult>),
-    /// Try the next address or MX; `policy` when the policy's checks failed.
-    Next { reason: String, policy: bool },
+    /// Try the next address or MX; `policy` when the policy's checks failed; `tls`
+    /// (the TLS state reached) when the failure came before the transaction, whose own
+    /// log line is then still to be written.
+    Next {
+        reason: String,
+        policy: bool,
+        tls: Option<String>,
+    },
 }
 
 impl Deliverer {
@@ -143,7 +161,25 @@ impl Deliverer {
             connect_timeout: Duration::from_secs(cfg.delivery.connect_timeout_secs),
             timeout: Duration::from_secs(cfg.delivery.command_timeout_secs),
             pool: Arc::new(Pool::default()),
+            activity: Arc::new(crate::ops::activity::Activity::new(
+                crate::clock::Clock::now(&crate::clock::SystemClock),
+            )),
         }
+    }
+
+    /// Recent outcomes and TLS results (last 24 h), for the status page.
+    pub fn activity(&self) -> &crate::ops::activity::Activity {
+        &self.activity
+    }
+
+    /// Count one MX session (or one MX skipped by policy) with its TLS result.
+    fn note_session(&self, mode: Option<Mode>, failure: Option<ResultType>) {
+        crate::ops::metrics::tls_session(mode, failure);
+        self.activity.session(
+            crate::clock::Clock::now(&crate::clock::SystemClock),
+            crate::ops::metrics::mode_label(mode),
+            crate::ops::metrics::result_label(failure),
+        );
     }
 
     /// The policy engine.
@@ -232,7 +268,8 @@ impl Deliverer {
             }
         };
         if let Some(e) = &lookup.fetch_error
-            && !tx.tlsrpt_exempt
+            && lookup.fetched
+            && tx.counts_for_tlsrpt()
         {
             // R55: a failed policy fetch is reported as its own failure, under the
             // cached policy if one still applies.
@@ -248,7 +285,7 @@ impl Deliverer {
             if !decision.may_deliver() {
                 // R42: not even a connection to an MX outside an enforce policy.
                 self.record_unless(
-                    tx.tlsrpt_exempt,
+                    !tx.counts_for_tlsrpt(),
                     domain,
                     &lookup,
                     host,
@@ -257,7 +294,9 @@ impl Deliverer {
                     None,
                     Some(fail(ResultType::ValidationFailure, "mx-not-in-policy")),
                 );
-                tracing::warn!(%domain, mx = %host, "MX not in the MTA-STS policy: skipped");
+                tracing::warn!(queue_id = %tx.queue_id, %domain, mx = %host, mode = crate::ops::metrics::mode_label(lookup.mode()),
+                    tls = "none (not connected)", rcpts = tx.recipients.len(),
+                    outcome = "skipped: MX not in the MTA-STS policy", "delivery attempt");
                 last = format!(
                     "451 4.7.5 MX {host} is not permitted by the MTA-STS policy of {domain} (allowed: {})",
                     patterns(&lookup).join(", ")
@@ -285,8 +324,16 @@ impl Deliverer {
                             mode: lookup.mode(),
                         };
                     }
-                    SessionEnd::Next { reason, policy } => {
-                        tracing::info!(%domain, mx = %host, %ip, mode = ?lookup.mode(), %reason, "delivery attempt failed");
+                    SessionEnd::Next {
+                        reason,
+                        policy,
+                        tls,
+                    } => {
+                        if let Some(tls) = tls {
+                            tracing::info!(queue_id = %tx.queue_id, %domain, mx = %host, %ip,
+                                mode = crate::ops::metrics::mode_label(lookup.mode()), %tls,
+                                rcpts = tx.recipients.len(), outcome = %format!("failed: {reason}"), "delivery attempt");
+                        }
                         last = reason;
                         policy_blocked |= policy;
                     }
@@ -321,6 +368,7 @@ impl Deliverer {
         let next = |reason: String| SessionEnd::Next {
             reason,
             policy: false,
+            tls: Some("none".into()),
         };
         let (mut c, greeting) =
             match Client::connect(addr, self.connect_timeout, self.timeout).await {
@@ -339,7 +387,7 @@ impl Deliverer {
         };
         let record = |failure: Option<SessionFailure>| {
             self.record_unless(
-                tx.tlsrpt_exempt,
+                !tx.counts_for_tlsrpt(),
                 domain,
                 lookup,
                 host,
@@ -361,6 +409,7 @@ impl Deliverer {
                         "451 4.7.4 TLS is required by the MTA-STS policy of {domain}, but {host}[{ip}] does not offer STARTTLS"
                     ),
                     policy: true,
+                    tls: Some("none (starttls-not-supported)".into()),
                 };
             }
             if lookup.mode() == Some(Mode::Testing) {
@@ -368,6 +417,9 @@ impl Deliverer {
                     ResultType::StarttlsNotSupported,
                     "starttls-not-offered",
                 )));
+            } else {
+                // No policy: nothing to report, but the operator sees plaintext hops.
+                self.note_session(lookup.mode(), Some(ResultType::StarttlsNotSupported));
             }
             let hop = Hop {
                 domain,
@@ -411,7 +463,11 @@ impl Deliverer {
                 let ehlo = match tls.ehlo(&self.helo).await {
                     Ok(r) => r,
                     Err(e) => {
-                        return next(format!("451 4.4.2 {host}[{ip}] EHLO after STARTTLS: {e}"));
+                        return SessionEnd::Next {
+                            reason: format!("451 4.4.2 {host}[{ip}] EHLO after STARTTLS: {e}"),
+                            policy: false,
+                            tls: Some(tls_state),
+                        };
                     }
                 };
                 let hop = Hop {
@@ -428,6 +484,8 @@ impl Deliverer {
             Err(SmtpError::Tls(f)) => {
                 if lookup.mode().is_some() {
                     record(Some(tls_fail(&f)));
+                } else {
+                    self.note_session(None, Some(f.result_type));
                 }
                 if strict {
                     return SessionEnd::Next {
@@ -435,6 +493,7 @@ impl Deliverer {
                             "451 4.7.5 TLS with {host}[{ip}] failed under the MTA-STS policy of {domain}: {f}"
                         ),
                         policy: true,
+                        tls: Some(format!("failed ({})", f.result_type)),
                     };
                 }
                 // Opportunistic: the handshake itself failed; deliver in plaintext (RFC 8461 §5 testing, no policy).
@@ -466,6 +525,7 @@ impl Deliverer {
                 return SessionEnd::Next {
                     reason: format!("451 4.4.1 {host}[{ip}]: {e}"),
                     policy: false,
+                    tls: Some(hop.tls.clone()),
                 };
             }
         };
@@ -474,6 +534,7 @@ impl Deliverer {
             Err(e) => SessionEnd::Next {
                 reason: format!("451 4.4.2 {host}[{ip}] EHLO: {e}"),
                 policy: false,
+                tls: Some(hop.tls.clone()),
             },
         }
     }
@@ -504,7 +565,7 @@ impl Deliverer {
                 .join("; "),
             SessionEnd::Next { reason, .. } => format!("failed: {reason}"),
         };
-        tracing::info!(domain = %hop.domain, mx = %hop.host, ip = %hop.ip, mode = hop.mode.map(|m| m.as_str()).unwrap_or("none"),
+        tracing::info!(queue_id = %tx.queue_id, domain = %hop.domain, mx = %hop.host, ip = %hop.ip, mode = hop.mode.map(|m| m.as_str()).unwrap_or("none"),
             tls = %hop.tls, reuse = hop.uses, rcpts = tx.recipients.len(), %outcome, "delivery attempt");
         end
     }
@@ -552,12 +613,16 @@ impl Deliverer {
             }
         }
         let r = match c.command(&mail).await {
-            Ok(r) => r,
+            Ok(r) => {
+                crate::ops::metrics::smtp_reply(r.code);
+                r
+            }
             Err(e) => {
                 return (
                     SessionEnd::Next {
                         reason: format!("451 4.4.2 {host}[{ip}] MAIL: {e}"),
                         policy: false,
+                        tls: None,
                     },
                     None,
                 );
@@ -579,7 +644,11 @@ impl Deliverer {
                     cmd.push_str(&format!(" ORCPT={o}"));
                 }
             }
-            match c.command(&cmd).await {
+            let reply = c.command(&cmd).await;
+            if let Ok(r) = &reply {
+                crate::ops::metrics::smtp_reply(r.code);
+            }
+            match reply {
                 Ok(r) if r.is_positive() => accepted.push(i),
                 Ok(r) if r.code >= 500 => {
                     results[i] = Some(RcptResult::Bounced { reason: said(&r) })
@@ -590,6 +659,7 @@ impl Deliverer {
                         SessionEnd::Next {
                             reason: format!("451 4.4.2 {host}[{ip}] RCPT: {e}"),
                             policy: false,
+                            tls: None,
                         },
                         None,
                     );
@@ -598,8 +668,14 @@ impl Deliverer {
         }
         let mut clean = true;
         if !accepted.is_empty() {
-            let outcome = match c.command("DATA").await {
-                Ok(r) if r.code == 354 => match c.send_data(&tx.body).await {
+            let data = c.command("DATA").await;
+            if let Ok(r) = &data {
+                crate::ops::metrics::smtp_reply(r.code);
+            }
+            let outcome = match data {
+                Ok(r) if r.code == 354 => match c.send_data(&tx.body).await.inspect(|r| {
+                    crate::ops::metrics::smtp_reply(r.code);
+                }) {
                     Ok(r) if r.is_positive() => RcptResult::Delivered { reply: said(&r) },
                     Ok(r) if r.code >= 500 => RcptResult::Bounced { reason: said(&r) },
                     Ok(r) => RcptResult::Deferred { reason: said(&r) },
@@ -673,6 +749,7 @@ impl Deliverer {
         sending_ip: Option<IpAddr>,
         failure: Option<SessionFailure>,
     ) {
+        self.note_session(lookup.mode(), failure.as_ref().map(|f| f.result_type));
         if exempt {
             return;
         }
@@ -722,6 +799,7 @@ fn classify_all(r: &Reply, text: String, n: usize) -> SessionEnd {
         SessionEnd::Next {
             reason: text,
             policy: false,
+            tls: None,
         }
     }
 }

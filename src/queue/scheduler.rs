@@ -10,6 +10,7 @@ use crate::config::QueueConfig;
 use crate::delivery::{Deliverer, Rcpt, RcptResult, Transaction};
 use crate::sts::Source;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore};
@@ -29,6 +30,7 @@ struct Inner {
     global: Arc<Semaphore>,
     per_domain: Mutex<HashMap<String, Arc<Semaphore>>>,
     in_flight: Mutex<HashSet<(QueueId, String)>>,
+    stopping: AtomicBool,
 }
 
 /// Run blocking spool work off the async workers; failures are logged and `None`.
@@ -66,6 +68,7 @@ impl Scheduler {
                 wake: Notify::new(),
                 per_domain: Mutex::new(HashMap::new()),
                 in_flight: Mutex::new(HashSet::new()),
+                stopping: AtomicBool::new(false),
             }),
         }
     }
@@ -84,10 +87,28 @@ impl Scheduler {
             .len()
     }
 
-    /// Run until the task is aborted: dispatch due work whenever woken, and at least
-    /// every `poll` (so `stsrelay queue flush` from another process is seen).
+    /// The deliverer.
+    pub fn deliverer(&self) -> &Arc<Deliverer> {
+        &self.inner.deliverer
+    }
+
+    /// Start no more deliveries (for shutdown): [`Scheduler::run`] returns, deliveries
+    /// still waiting for a concurrency slot give up (their recipients stay due), and
+    /// those already talking to an MX run to their end. Watch [`Scheduler::in_flight`].
+    pub fn stop(&self) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        self.inner.wake.notify_one();
+    }
+
+    fn stopping(&self) -> bool {
+        self.inner.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Run until the task is aborted or [`Scheduler::stop`]: dispatch due work whenever
+    /// woken, and at least every `poll` (so `stsrelay queue flush` from another process
+    /// is seen).
     pub async fn run(self, poll: Duration) {
-        loop {
+        while !self.stopping() {
             self.dispatch_due().await;
             tokio::select! {
                 _ = self.inner.wake.notified() => {}
@@ -117,6 +138,9 @@ impl Scheduler {
     /// Start one delivery per destination domain of `msg` with due recipients,
     /// unless that (message, domain) is already in flight.
     fn start(&self, msg: MessageInfo, now: i64) -> usize {
+        if self.stopping() {
+            return 0;
+        }
         let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for r in msg.due_recipients(now) {
             groups.entry(r.domain.clone()).or_default().push(r.index);
@@ -170,6 +194,9 @@ impl Scheduler {
         let Ok(_local) = self.domain_semaphore(domain).acquire_owned().await else {
             return;
         };
+        if self.stopping() {
+            return;
+        }
         // The due list may be stale: another task can have finished this message
         // between the query and now. Re-read its state, so a delivered recipient is
         // never sent twice and a removed message is not touched.
@@ -199,6 +226,7 @@ impl Scheduler {
         };
         let env = &msg.envelope;
         let tx = Transaction {
+            queue_id: msg.id.to_string(),
             mail_from: env.mail_from.clone(),
             recipients: indices
                 .iter()
@@ -243,10 +271,13 @@ impl Scheduler {
             let outcome = match result {
                 RcptResult::Delivered { reply } => {
                     tracing::info!(queue_id = %msg.id, rcpt = %status.address, %domain, mode = ?attempt.mode, %reply, "delivered");
+                    self.count(attempt.mode, "delivered", now);
+                    crate::ops::metrics::delivery_delay(attempt.mode, now - msg.received_at);
                     Outcome::Delivered
                 }
                 RcptResult::Bounced { reason } => {
                     tracing::warn!(queue_id = %msg.id, rcpt = %status.address, %domain, %reason, "bounced");
+                    self.count(attempt.mode, "bounced", now);
                     failed.push((i, reason.clone()));
                     Outcome::Bounced {
                         reason: reason.clone(),
@@ -255,6 +286,7 @@ impl Scheduler {
                 RcptResult::Deferred { reason } if expired && !retry_now => {
                     let reason = format!("queue lifetime expired; last error: {reason}");
                     tracing::warn!(queue_id = %msg.id, rcpt = %status.address, %domain, %reason, "bounced");
+                    self.count(attempt.mode, "bounced", now);
                     failed.push((i, reason.clone()));
                     Outcome::Bounced { reason }
                 }
@@ -265,6 +297,7 @@ impl Scheduler {
                         self.retry_after(status.attempts + 1)
                     };
                     tracing::info!(queue_id = %msg.id, rcpt = %status.address, %domain, mode = ?attempt.mode, %reason, retry_in_secs = wait, "deferred");
+                    self.count(attempt.mode, "deferred", now);
                     Outcome::Deferred {
                         reason: reason.clone(),
                         next_attempt: now + wait as i64,
@@ -313,6 +346,16 @@ impl Scheduler {
             let this = self.clone();
             tokio::spawn(async move { this.submit(dsn_id).await });
         }
+    }
+
+    /// One recipient outcome, for metrics and the status page.
+    fn count(&self, mode: Option<crate::sts::Mode>, outcome: &'static str, now: i64) {
+        crate::ops::metrics::delivery(outcome, mode);
+        self.inner.deliverer.activity().delivery(
+            now,
+            crate::ops::metrics::mode_label(mode),
+            outcome,
+        );
     }
 
     /// Seconds to wait before attempt number `attempts + 1`.

@@ -49,6 +49,9 @@ pub enum SocketmapError {
         /// Error.
         source: std::io::Error,
     },
+    /// A resource is unavailable (signal handlers).
+    #[error("{0}")]
+    Unavailable(String),
     /// The unix socket could not be set up.
     #[error("socketmap.unix_path {}: {message}", .path.display())]
     Unix {
@@ -67,12 +70,34 @@ impl SocketmapError {
 }
 
 /// `stsrelay socketmap`: the server alone, with its own engine on `storage.data_dir`
-/// (the relay's store, so both share fetched policies on disk) and proactive refresh.
+/// (the relay's store, so both share fetched policies on disk) and proactive refresh,
+/// until SIGTERM or SIGINT. SIGHUP changes nothing (the socketmap's settings need a
+/// restart) and says so in the log.
 pub async fn run(cfg: &crate::Config) -> Result<(), SocketmapError> {
+    use crate::ops::signals::{Control, listen};
     let server = Server::from_config(cfg)?;
     let listeners = server.bind().await?;
+    let mut controls =
+        listen().map_err(|e| SocketmapError::Unavailable(format!("signal handlers: {e}")))?;
     let refresher = server.engine().spawn_refresher(Duration::from_secs(3600));
-    server.serve(listeners).await;
+    crate::ops::notify::ready("socketmap listening");
+    let stop = async {
+        while let Some(c) = controls.recv().await {
+            match c {
+                Control::Stop => break,
+                Control::Reload => tracing::warn!(
+                    "SIGHUP: stsrelay socketmap does not reload; restart it to apply a new config"
+                ),
+            }
+        }
+    };
+    tokio::select! {
+        _ = server.serve(listeners) => {}
+        _ = stop => {
+            crate::ops::notify::stopping();
+            tracing::info!("stopping");
+        }
+    }
     refresher.abort();
     Ok(())
 }

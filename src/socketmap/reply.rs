@@ -213,6 +213,7 @@ mod tests {
             source: Source::Cache,
             fetch_error: None,
             record_error: None,
+            fetched: false,
         }
     }
 

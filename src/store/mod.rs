@@ -47,19 +47,23 @@ pub trait ReportStore: Send + Sync {
         domain: Option<String>,
     ) -> Result<Vec<(CounterKey, u64)>, StoreError>;
     /// Insert ledger rows whose (policy domain, day, rua) is new; returns how many were
-    /// new. Rows that exist are left as they are: each destination gets one report.
+    /// new. Rows that exist are left as they are: each destination gets one report. A
+    /// new rua of a (domain, day) that already has a report gets that same report (id,
+    /// file name, body), so every destination sees one report per domain and day.
     async fn ledger_insert(&self, rows: Vec<LedgerEntry>) -> Result<usize, StoreError>;
-    /// Claim up to `limit` pending rows due at `now` for `lease_secs` (no other process
-    /// or task gets them meanwhile) and return them.
+    /// Claim the pending row due first at `now`, if any, for `lease_secs`: until then no
+    /// other claim (in any process) gets it, and only this claim's
+    /// [`LedgerEntry::lease`] can update it.
     async fn ledger_claim_due(
         &self,
         now: i64,
         lease_secs: i64,
-        limit: usize,
-    ) -> Result<Vec<LedgerEntry>, StoreError>;
-    /// Store a row's new state, attempts, times and result, and release its claim.
-    async fn ledger_update(&self, row: &LedgerEntry) -> Result<(), StoreError>;
-    /// Ledger rows of `day` (every day if `None`), without their report bodies' use.
+    ) -> Result<Option<LedgerEntry>, StoreError>;
+    /// Store a claimed row's new state, attempts, times and result, and release the
+    /// claim. `false` (nothing written) when the claim was lost: it expired and the row
+    /// was claimed again, or is no longer pending.
+    async fn ledger_update(&self, row: &LedgerEntry) -> Result<bool, StoreError>;
+    /// Ledger rows (with their reports) of `day`, or of every day if `None`.
     async fn ledger_list(&self, day: Option<Day>) -> Result<Vec<LedgerEntry>, StoreError>;
     /// Have the reports of `day` been made?
     async fn day_done(&self, day: Day) -> Result<bool, StoreError>;

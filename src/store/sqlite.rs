@@ -3,7 +3,7 @@
 use super::{PolicyStore, ReportStore, StoreError};
 use crate::sts::{CachedPolicy, Policy};
 use crate::tlsrpt::{CounterKey, Day, LedgerEntry, LedgerState};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -77,6 +77,7 @@ impl SqliteStore {
                  first_try INTEGER,
                  next_try INTEGER NOT NULL,
                  lease_until INTEGER NOT NULL DEFAULT 0,
+                 lease_token TEXT,
                  last_result TEXT,
                  PRIMARY KEY (policy_domain, day, rua)
              );
@@ -219,7 +220,7 @@ impl PolicyStore for SqliteStore {
 }
 
 const LEDGER_COLUMNS: &str = "policy_domain, day, rua, report_id, file_name, gzip, state, \
-     attempts, created_at, first_try, next_try, last_result";
+     attempts, created_at, first_try, next_try, last_result, lease_token";
 
 fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<LedgerEntry>> {
     let day: String = r.get(1)?;
@@ -241,6 +242,7 @@ fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<LedgerEntry>> 
         first_try: r.get(9)?,
         next_try: r.get(10)?,
         last_result: r.get(11)?,
+        lease: r.get(12)?,
     }))
 }
 
@@ -317,16 +319,34 @@ impl ReportStore for SqliteStore {
 
     async fn ledger_insert(&self, rows: Vec<LedgerEntry>) -> Result<usize, StoreError> {
         self.with("ledger insert", move |c| {
-            let tx = c.unchecked_transaction().map_err(err("ledger insert"))?;
+            // IMMEDIATE: a concurrent maker of the same day's report (relay and CLI)
+            // waits, then finds this one's report and reuses it.
+            let tx = rusqlite::Transaction::new_unchecked(c, TransactionBehavior::Immediate)
+                .map_err(err("ledger insert"))?;
             let mut n = 0;
             {
+                let mut existing = tx
+                    .prepare_cached(
+                        "SELECT report_id, file_name, gzip FROM tlsrpt_report
+                         WHERE policy_domain = ?1 AND day = ?2 LIMIT 1",
+                    )
+                    .map_err(err("ledger insert"))?;
                 let mut stmt = tx
                     .prepare_cached(&format!(
                         "INSERT OR IGNORE INTO tlsrpt_report ({LEDGER_COLUMNS})
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, NULL)"
                     ))
                     .map_err(err("ledger insert"))?;
-                for e in &rows {
+                for mut e in rows {
+                    let made: Option<(String, String, Vec<u8>)> = existing
+                        .query_row(params![e.policy_domain, e.day.to_string()], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                        })
+                        .optional()
+                        .map_err(err("ledger insert"))?;
+                    if let Some((id, file, gzip)) = made {
+                        (e.report_id, e.file_name, e.gzip) = (id, file, gzip);
+                    }
                     n += stmt
                         .execute(params![
                             e.policy_domain,
@@ -355,72 +375,71 @@ impl ReportStore for SqliteStore {
         &self,
         now: i64,
         lease_secs: i64,
-        limit: usize,
-    ) -> Result<Vec<LedgerEntry>, StoreError> {
+    ) -> Result<Option<LedgerEntry>, StoreError> {
         self.with("ledger claim", move |c| {
             // IMMEDIATE: the write lock is taken before reading, so two processes
             // cannot claim the same row.
-            let tx =
-                rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)
-                    .map_err(err("ledger claim"))?;
-            let mut out = Vec::new();
-            {
-                let mut stmt = tx
-                    .prepare(&format!(
+            let tx = rusqlite::Transaction::new_unchecked(c, TransactionBehavior::Immediate)
+                .map_err(err("ledger claim"))?;
+            let row = tx
+                .query_row(
+                    &format!(
                         "SELECT {LEDGER_COLUMNS} FROM tlsrpt_report
                          WHERE state = 'pending' AND next_try <= ?1 AND lease_until <= ?1
-                         ORDER BY next_try LIMIT ?2"
-                    ))
-                    .map_err(err("ledger claim"))?;
-                let rows = stmt
-                    .query_map(params![now, limit as i64], row_to_entry)
-                    .map_err(err("ledger claim"))?;
-                for r in rows {
-                    out.extend(r.map_err(err("ledger claim"))?);
-                }
-                let mut claim = tx
-                    .prepare(
-                        "UPDATE tlsrpt_report SET lease_until = ?4
-                         WHERE policy_domain = ?1 AND day = ?2 AND rua = ?3",
-                    )
-                    .map_err(err("ledger claim"))?;
-                for e in &out {
-                    claim
-                        .execute(params![
-                            e.policy_domain,
-                            e.day.to_string(),
-                            e.rua,
-                            now + lease_secs
-                        ])
-                        .map_err(err("ledger claim"))?;
-                }
-            }
+                         ORDER BY next_try LIMIT 1"
+                    ),
+                    params![now],
+                    row_to_entry,
+                )
+                .optional()
+                .map_err(err("ledger claim"))?
+                .flatten();
+            let Some(mut row) = row else {
+                return Ok(None);
+            };
+            let token = format!("{:016x}", rand::random::<u64>());
+            tx.execute(
+                "UPDATE tlsrpt_report SET lease_until = ?4, lease_token = ?5
+                 WHERE policy_domain = ?1 AND day = ?2 AND rua = ?3",
+                params![
+                    row.policy_domain,
+                    row.day.to_string(),
+                    row.rua,
+                    now + lease_secs,
+                    token
+                ],
+            )
+            .map_err(err("ledger claim"))?;
             tx.commit().map_err(err("ledger claim"))?;
-            Ok(out)
+            row.lease = Some(token);
+            Ok(Some(row))
         })
         .await
     }
 
-    async fn ledger_update(&self, e: &LedgerEntry) -> Result<(), StoreError> {
+    async fn ledger_update(&self, e: &LedgerEntry) -> Result<bool, StoreError> {
         let e = e.clone();
         self.with("ledger update", move |c| {
-            c.execute(
-                "UPDATE tlsrpt_report SET state = ?4, attempts = ?5, first_try = ?6,
-                     next_try = ?7, last_result = ?8, lease_until = 0
-                 WHERE policy_domain = ?1 AND day = ?2 AND rua = ?3",
-                params![
-                    e.policy_domain,
-                    e.day.to_string(),
-                    e.rua,
-                    e.state.as_str(),
-                    e.attempts,
-                    e.first_try,
-                    e.next_try,
-                    e.last_result
-                ],
-            )
-            .map_err(err("ledger update"))?;
-            Ok(())
+            let n = c
+                .execute(
+                    "UPDATE tlsrpt_report SET state = ?4, attempts = ?5, first_try = ?6,
+                         next_try = ?7, last_result = ?8, lease_until = 0, lease_token = NULL
+                     WHERE policy_domain = ?1 AND day = ?2 AND rua = ?3
+                       AND state = 'pending' AND lease_token = ?9",
+                    params![
+                        e.policy_domain,
+                        e.day.to_string(),
+                        e.rua,
+                        e.state.as_str(),
+                        e.attempts,
+                        e.first_try,
+                        e.next_try,
+                        e.last_result,
+                        e.lease
+                    ],
+                )
+                .map_err(err("ledger update"))?;
+            Ok(n == 1)
         })
         .await
     }
@@ -514,5 +533,82 @@ mod tests {
         assert_eq!(s.all_policies().await.unwrap(), vec![p]);
         s.delete_policy("example.test").await.unwrap();
         assert_eq!(s.get_policy("example.test").await.unwrap(), None);
+    }
+
+    fn row(domain: &str, rua: &str, id: &str) -> LedgerEntry {
+        LedgerEntry {
+            policy_domain: domain.into(),
+            day: "2026-11-27".parse().unwrap(),
+            rua: rua.into(),
+            report_id: id.into(),
+            file_name: format!("{id}.json.gz"),
+            gzip: id.as_bytes().to_vec(),
+            state: LedgerState::Pending,
+            attempts: 0,
+            created_at: 100,
+            first_try: None,
+            next_try: 100,
+            last_result: None,
+            lease: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn ledger_keeps_one_report_per_domain_and_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(
+            s.ledger_insert(vec![row("a.test", "mailto:r@a.test", "first")])
+                .await
+                .unwrap(),
+            1
+        );
+        // Made again (another process, or a rua added later): the existing row stays,
+        // and a new rua gets the same report.
+        let n = s
+            .ledger_insert(vec![
+                row("a.test", "mailto:r@a.test", "second"),
+                row("a.test", "https://r.a.test/", "second"),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+        let rows = s.ledger_list(None).await.unwrap();
+        assert_eq!(rows.len(), 2);
+        assert!(
+            rows.iter()
+                .all(|r| r.report_id == "first" && r.gzip == b"first"),
+            "{rows:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_claimed_row_goes_to_one_claimer_and_a_lost_claim_cannot_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = SqliteStore::open(dir.path()).unwrap();
+        let b = SqliteStore::open(dir.path()).unwrap(); // another process
+        a.ledger_insert(vec![row("a.test", "mailto:r@a.test", "x")])
+            .await
+            .unwrap();
+        let mine = a.ledger_claim_due(100, 60).await.unwrap().expect("due");
+        assert!(
+            b.ledger_claim_due(100, 60).await.unwrap().is_none(),
+            "leased"
+        );
+        // The lease runs out; b claims the row and sends it.
+        let mut theirs = b
+            .ledger_claim_due(161, 60)
+            .await
+            .unwrap()
+            .expect("lease expired");
+        theirs.state = LedgerState::Sent;
+        assert!(b.ledger_update(&theirs).await.unwrap());
+        // The first claimer's late "retry later" must not undo that.
+        let mut late = mine.clone();
+        late.next_try = 500;
+        assert!(!a.ledger_update(&late).await.unwrap());
+        let rows = a.ledger_list(None).await.unwrap();
+        assert_eq!(rows[0].state, LedgerState::Sent);
+        assert!(a.ledger_claim_due(10_000, 60).await.unwrap().is_none());
     }
 }

@@ -84,6 +84,10 @@ pub struct Lookup {
     pub fetch_error: Option<FetchError>,
     /// Why discovery found no usable TXT record, if it did not (informational).
     pub record_error: Option<RecordError>,
+    /// This lookup fetched the policy over HTTPS (successfully or not), as opposed to
+    /// answering from the cache or from a back-off. TLS-RPT counts a fetch failure once
+    /// per fetch made, not once per delivery during the back-off.
+    pub fetched: bool,
 }
 
 impl Lookup {
@@ -93,6 +97,7 @@ impl Lookup {
             source: Source::Cache,
             fetch_error: None,
             record_error: None,
+            fetched: false,
         }
     }
 
@@ -361,6 +366,11 @@ impl Engine {
         &self.inner.stats
     }
 
+    /// Every policy in the persistent store (valid or expired), for the status page.
+    pub async fn stored_policies(&self) -> Result<Vec<CachedPolicy>, crate::store::StoreError> {
+        self.inner.store.all_policies().await
+    }
+
     /// Policies currently held in memory.
     pub fn memory_entries(&self) -> usize {
         self.inner.cache.len()
@@ -376,13 +386,16 @@ impl Engine {
     pub async fn policy(&self, domain: &str) -> Result<Lookup, EngineError> {
         let now = self.inner.clock.now();
         if let Some(hit) = self.cached_fast(domain, now) {
+            crate::ops::metrics::policy_cache(true);
             return Ok(hit);
         }
         let domain = normalize_domain(domain)?;
         let _guard = self.lock_domain(&domain).await;
         if let Some(p) = self.cached_slow(&domain, now).await {
+            crate::ops::metrics::policy_cache(true);
             return Ok(Lookup::cached(p));
         }
+        crate::ops::metrics::policy_cache(false);
         Ok(self.discover(&domain, None).await)
     }
 
@@ -490,6 +503,7 @@ impl Engine {
             source: Source::Cache,
             fetch_error,
             record_error,
+            fetched: false,
         };
         self.inner.stats.txt_lookups.fetch_add(1, Ordering::Relaxed);
         let txt = match self.inner.dns.txt(&format!("_mta-sts.{domain}")).await {
@@ -527,11 +541,15 @@ impl Engine {
                     source: Source::Fetched,
                     fetch_error: None,
                     record_error: None,
+                    fetched: true,
                 }
             }
             Err(e) => {
                 self.note_failure(domain, &record.id, now, &e, cached.as_deref());
-                keep(None, Some(e))
+                Lookup {
+                    fetched: true,
+                    ..keep(None, Some(e))
+                }
             }
         }
     }
@@ -539,6 +557,7 @@ impl Engine {
     async fn fetch(&self, domain: &str) -> Result<Policy, FetchError> {
         self.inner.stats.fetches.fetch_add(1, Ordering::Relaxed);
         let r = self.inner.fetcher.fetch(domain).await;
+        crate::ops::metrics::policy_fetch(r.as_ref().map(|_| ()).map_err(|e| e.result_type));
         if r.is_err() {
             self.inner
                 .stats

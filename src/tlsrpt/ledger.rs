@@ -62,4 +62,7 @@ pub struct LedgerEntry {
     pub next_try: i64,
     /// The last outcome (error, or where it went).
     pub last_result: Option<String>,
+    /// The claim this copy of the row was handed out under: only its holder may update
+    /// the row (see [`crate::store::ReportStore::ledger_claim_due`]).
+    pub lease: Option<String>,
 }

@@ -27,6 +27,6 @@ pub use report::{
     Summary, build_report, gzip, unique_id,
 };
 pub use result_type::{ResultType, UnknownResultType};
-pub use send::{HttpsUploader, TLSRPT_GZIP, UploadError, UploaderSetupError};
-pub use service::{Generated, OnSpooled, ReportError, ReportService};
+pub use send::{HttpsUploader, TLSRPT_GZIP, UploadError, UploaderSetupError, is_public};
+pub use service::{DiscoverError, Generated, OnSpooled, ReportError, ReportService};
 pub use session::{LogRecorder, PolicyType, SessionFailure, SessionRecorder, SessionResult};

@@ -23,10 +23,18 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long a claimed ledger row is reserved for the claiming process.
+/// How long a claimed ledger row is reserved for the claiming process, at least (and
+/// at least twice the HTTPS time limit plus a minute).
 const LEASE_SECS: i64 = 120;
 /// Ledger rows delivered per pass.
 const BATCH: usize = 64;
+/// Never make a day's reports sooner than this after midnight UTC, so the last
+/// sessions of the day are written (the recorder batches every few milliseconds).
+const MIN_DELAY_SECS: u64 = 30;
+/// Wait before making a day's reports again after a temporary failure (DNS, store).
+const REGENERATE_SECS: i64 = 300;
+/// Most rua destinations used per record; the rest are ignored (logged).
+const MAX_RUA: usize = 10;
 /// How often the relay looks for due reports.
 const TICK: Duration = Duration::from_secs(2);
 
@@ -44,6 +52,34 @@ pub enum ReportError {
     FutureDay(Day),
 }
 
+/// Why a domain has no usable TLS-RPT record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DiscoverError {
+    /// The domain publishes no usable record: no report for it.
+    #[error("_smtp._tls.{domain}: {reason}")]
+    NoRecord {
+        /// The policy domain.
+        domain: String,
+        /// Why (e.g. no record, two records, no usable rua).
+        reason: super::TlsRptRecordError,
+    },
+    /// DNS failed (SERVFAIL, time-out): try again later.
+    #[error("_smtp._tls.{domain}: {reason}")]
+    Temporary {
+        /// The policy domain.
+        domain: String,
+        /// The DNS error.
+        reason: String,
+    },
+}
+
+/// How one delivery attempt of a ledger row ended.
+enum Outcome {
+    Delivered(String),
+    Retry(String),
+    Permanent(String),
+}
+
 /// What [`ReportService::generate`] did for one policy domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Generated {
@@ -55,6 +91,8 @@ pub struct Generated {
     pub new_rows: usize,
     /// Why nothing (more) was entered, if so.
     pub note: Option<String>,
+    /// A temporary failure (DNS): making the report should be tried again.
+    pub temporary: bool,
 }
 
 /// Called with the queue id of each spooled report e-mail (the relay hands it to its
@@ -100,6 +138,7 @@ impl ReportService {
             resolver.clone(),
             trust,
             Duration::from_secs(r.https_timeout_secs),
+            r.allow_private_rua,
         )
         .map_err(|e| ReportError::Setup(e.to_string()))?;
         Ok(ReportService {
@@ -176,16 +215,26 @@ impl ReportService {
         Ok(out)
     }
 
-    /// The domain's TLS-RPT record (R57–R61).
-    pub async fn discover(&self, domain: &str) -> Result<TlsRptRecord, String> {
+    /// The domain's TLS-RPT record (R57–R61), with at most 10 destinations.
+    pub async fn discover(&self, domain: &str) -> Result<TlsRptRecord, DiscoverError> {
         let txt = self
             .dns
             .txt(&format!("_smtp._tls.{domain}"))
             .await
-            .map_err(|e| e.to_string())?;
-        let rec = select_tlsrpt_record(&txt).map_err(|e| e.to_string())?;
+            .map_err(|e| DiscoverError::Temporary {
+                domain: domain.to_string(),
+                reason: e.to_string(),
+            })?;
+        let mut rec = select_tlsrpt_record(&txt).map_err(|reason| DiscoverError::NoRecord {
+            domain: domain.to_string(),
+            reason,
+        })?;
         for (uri, why) in &rec.skipped {
             tracing::info!(%domain, %uri, reason = %why, "TLS-RPT rua ignored");
+        }
+        if rec.rua.len() > MAX_RUA {
+            tracing::warn!(%domain, listed = rec.rua.len(), used = MAX_RUA, "TLS-RPT record lists too many rua; the rest are ignored");
+            rec.rua.truncate(MAX_RUA);
         }
         Ok(rec)
     }
@@ -207,12 +256,18 @@ impl ReportService {
                 report_id: None,
                 new_rows: 0,
                 note: None,
+                temporary: false,
             };
             let rec = match self.discover(&d).await {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::debug!(domain = %d, reason = %e, "no TLS-RPT record: no report");
-                    g.note = Some(format!("no report: _smtp._tls.{d}: {e}"));
+                    g.temporary = matches!(e, DiscoverError::Temporary { .. });
+                    if g.temporary {
+                        tracing::warn!(domain = %d, error = %e, "TLS-RPT record lookup failed; will try again");
+                    } else {
+                        tracing::debug!(domain = %d, reason = %e, "no TLS-RPT record: no report");
+                    }
+                    g.note = Some(format!("no report: {e}"));
                     out.push(g);
                     continue;
                 }
@@ -243,61 +298,76 @@ impl ReportService {
         Ok(out)
     }
 
-    /// Deliver the ledger rows that are due (claimed, so no other process sends them
-    /// meanwhile). Returns the rows as they ended this pass.
+    /// Deliver the ledger rows that are due, one claim at a time (so no other process
+    /// sends a row meanwhile, and a claim cannot run out while it waits its turn).
+    /// Returns the rows as they ended this pass.
     pub async fn deliver_due(&self) -> Result<Vec<LedgerEntry>, ReportError> {
-        let now = self.clock.now();
-        let rows = self.store.ledger_claim_due(now, LEASE_SECS, BATCH).await?;
-        let mut done = Vec::with_capacity(rows.len());
-        for mut row in rows {
+        let lease = LEASE_SECS.max(2 * self.cfg.https_timeout_secs as i64 + 60);
+        let mut done = Vec::new();
+        for _ in 0..BATCH {
+            let now = self.clock.now();
+            let Some(mut row) = self.store.ledger_claim_due(now, lease).await? else {
+                break;
+            };
             let first = *row.first_try.get_or_insert(now);
             row.attempts += 1;
-            let result = if let Some(addr) = row.rua.strip_prefix("mailto:") {
+            let outcome = if let Some(addr) = row.rua.strip_prefix("mailto:") {
                 self.spool_email(&row, addr).await
             } else {
-                self.uploader
-                    .post(&row.rua, &row.gzip)
-                    .await
-                    .map(|status| format!("HTTP {status}"))
-                    .map_err(|e| e.to_string())
+                match self.uploader.post(&row.rua, &row.gzip).await {
+                    Ok(status) => Outcome::Delivered(format!("HTTP {status}")),
+                    Err(e @ super::UploadError::Refused { .. }) => {
+                        Outcome::Permanent(e.to_string())
+                    }
+                    Err(e) => Outcome::Retry(e.to_string()),
+                }
             };
-            match result {
-                Ok(how) => {
-                    tracing::info!(domain = %row.policy_domain, day = %row.day, rua = %row.rua, report_id = %row.report_id, result = %how, "TLS-RPT report sent");
+            let ctx = (&row.policy_domain, row.day, &row.rua);
+            match outcome {
+                Outcome::Delivered(how) => {
+                    tracing::info!(domain = %ctx.0, day = %ctx.1, rua = %ctx.2, report_id = %row.report_id, result = %how, "TLS-RPT report sent");
                     row.state = LedgerState::Sent;
                     row.last_result = Some(how);
                 }
-                Err(e) => {
-                    let wait = self
-                        .cfg
-                        .https_retry_secs
-                        .saturating_mul(1 << (row.attempts - 1).min(16))
-                        as i64;
-                    if now + wait - first > self.cfg.give_up_secs as i64 {
-                        tracing::warn!(domain = %row.policy_domain, day = %row.day, rua = %row.rua, attempts = row.attempts, error = %e, "TLS-RPT report dropped: no success within tlsrpt.give_up_secs");
+                Outcome::Permanent(e) => {
+                    tracing::warn!(domain = %ctx.0, day = %ctx.1, rua = %ctx.2, error = %e, "TLS-RPT report dropped: it cannot be delivered");
+                    row.state = LedgerState::Dropped;
+                    row.last_result = Some(e);
+                }
+                Outcome::Retry(e) => {
+                    let wait = i64::try_from(
+                        self.cfg
+                            .https_retry_secs
+                            .saturating_mul(1 << (row.attempts - 1).min(30)),
+                    )
+                    .unwrap_or(i64::MAX)
+                    .min(self.cfg.give_up_secs as i64 + 1);
+                    if now.saturating_add(wait) - first > self.cfg.give_up_secs as i64 {
+                        tracing::warn!(domain = %ctx.0, day = %ctx.1, rua = %ctx.2, attempts = row.attempts, error = %e, "TLS-RPT report dropped: no success within tlsrpt.give_up_secs");
                         row.state = LedgerState::Dropped;
                     } else {
-                        tracing::info!(domain = %row.policy_domain, rua = %row.rua, error = %e, retry_in = wait, "TLS-RPT report not delivered; will retry");
+                        tracing::info!(domain = %ctx.0, rua = %ctx.2, error = %e, retry_in = wait, "TLS-RPT report not delivered; will retry");
                         row.next_try = now + wait;
                     }
                     row.last_result = Some(e);
                 }
             }
-            self.store.ledger_update(&row).await?;
+            if !self.store.ledger_update(&row).await? {
+                tracing::warn!(domain = %row.policy_domain, day = %row.day, rua = %row.rua, "TLS-RPT ledger row was claimed by another process meanwhile; its outcome is not recorded here");
+            }
             done.push(row);
         }
         Ok(done)
     }
 
-    /// Build, sign and spool the e-mail for `row` to `addr`; returns "queued as ID".
-    async fn spool_email(&self, row: &LedgerEntry, addr: &str) -> Result<String, String> {
-        let dkim = self
-            .dkim
-            .clone()
-            .ok_or("no DKIM key (tlsrpt.dkim_key_file)")?;
+    /// Build, sign and spool the e-mail for `row` to `addr` ("queued as ID").
+    async fn spool_email(&self, row: &LedgerEntry, addr: &str) -> Outcome {
+        let Some(dkim) = self.dkim.clone() else {
+            return Outcome::Permanent("no DKIM key (tlsrpt.dkim_key_file)".into());
+        };
         let sender = self.cfg.sender();
         let to = vec![addr.to_string()];
-        let msg = build_report_email(
+        let msg = match build_report_email(
             &ReportEmail {
                 from: &sender,
                 to: &to,
@@ -310,8 +380,11 @@ impl ReportService {
                 date: self.clock.now(),
             },
             &dkim,
-        )
-        .map_err(|e| e.to_string())?;
+        ) {
+            Ok(m) => m,
+            // Bad address or field: the same input fails every time.
+            Err(e) => return Outcome::Permanent(e.to_string()),
+        };
         let envelope = Envelope {
             mail_from: sender,
             recipients: vec![RecipientSpec::new(addr)],
@@ -326,37 +399,44 @@ impl ReportService {
             inc.write(&msg)?;
             inc.commit(&envelope)
         })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-        if let Some(f) = &self.on_spooled {
-            f(id);
+        .await;
+        match id {
+            Ok(Ok(id)) => {
+                if let Some(f) = &self.on_spooled {
+                    f(id);
+                }
+                Outcome::Delivered(format!("queued as {id}"))
+            }
+            Ok(Err(e)) => Outcome::Retry(e.to_string()),
+            Err(e) => Outcome::Retry(e.to_string()),
         }
-        Ok(format!("queued as {id}"))
     }
 
     /// Run inside the relay: every couple of seconds deliver due reports; once a day,
     /// after 00:00 UTC plus a random delay up to `tlsrpt.send_delay_max_secs`, make the
     /// previous day's reports (R78) and forget data older than `tlsrpt.keep_days`.
     pub async fn run(self: Arc<Self>) {
-        let mut delay_for: Option<(Day, i64)> = None;
+        // (day, when to make its reports)
+        let mut plan: Option<(Day, i64)> = None;
         loop {
             let now = self.clock.now();
             let yesterday = Day::of(now).prev();
-            if delay_for.map(|(d, _)| d) != Some(yesterday) {
-                let max = self.cfg.send_delay_max_secs;
-                let delay = if max == 0 {
-                    0
-                } else {
-                    rand::random_range(0..=max) as i64
-                };
-                delay_for = Some((yesterday, delay));
+            if plan.map(|(d, _)| d) != Some(yesterday) {
+                let max = self.cfg.send_delay_max_secs.max(MIN_DELAY_SECS);
+                let delay = rand::random_range(MIN_DELAY_SECS..=max) as i64;
+                plan = Some((yesterday, yesterday.end() + delay));
             }
-            let delay = delay_for.map(|(_, s)| s).unwrap_or(0);
-            if now >= yesterday.end() + delay
-                && let Err(e) = self.daily(yesterday).await
+            if let Some((day, at)) = plan
+                && now >= at
             {
-                tracing::error!(day = %yesterday, error = %e, "TLS-RPT reports not made");
+                match self.daily(day).await {
+                    Ok(true) => {}
+                    Ok(false) => plan = Some((day, now + REGENERATE_SECS)),
+                    Err(e) => {
+                        tracing::error!(%day, error = %e, "TLS-RPT reports not made; will try again");
+                        plan = Some((day, now + REGENERATE_SECS));
+                    }
+                }
             }
             if let Err(e) = self.deliver_due().await {
                 tracing::error!(error = %e, "TLS-RPT report delivery failed");
@@ -365,16 +445,23 @@ impl ReportService {
         }
     }
 
-    async fn daily(&self, day: Day) -> Result<(), ReportError> {
+    /// Make `day`'s reports unless done; `Ok(false)` when a domain's record could not
+    /// be looked up (try again later; reports already entered are not made twice).
+    async fn daily(&self, day: Day) -> Result<bool, ReportError> {
         if self.store.day_done(day).await? {
-            return Ok(());
+            return Ok(true);
         }
         let made = self.generate(day, None).await?;
+        let retry = made.iter().filter(|g| g.temporary).count();
+        if retry > 0 {
+            tracing::warn!(%day, domains = retry, "some TLS-RPT records could not be looked up; trying again later");
+            return Ok(false);
+        }
         self.store.mark_day_done(day, self.clock.now()).await?;
         let keep = Day::of(self.clock.now() - i64::from(self.cfg.keep_days) * 86_400);
         self.store.prune_before(keep).await?;
         tracing::info!(%day, domains = made.len(), "daily TLS-RPT reports made");
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -392,5 +479,6 @@ fn ledger_row(b: &BuiltReport, domain: &str, day: Day, rua: &Rua, now: i64) -> L
         first_try: None,
         next_try: now,
         last_result: None,
+        lease: None,
     }
 }

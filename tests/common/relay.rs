@@ -20,6 +20,8 @@ pub struct Relay {
     pub child: tokio::process::Child,
     pub listen: SocketAddr,
     pub config: PathBuf,
+    /// The admin HTTP endpoint (`[admin] listen`).
+    pub admin: SocketAddr,
 }
 
 impl Drop for Relay {
@@ -83,7 +85,21 @@ impl Lab {
         extra: &str,
         edit: impl FnOnce(String) -> String,
     ) -> Relay {
+        self.start_relay_with(extra, edit, &[]).await
+    }
+
+    /// Like [`Lab::start_relay_edited`], with extra environment variables for the child.
+    pub async fn start_relay_with(
+        &self,
+        extra: &str,
+        edit: impl FnOnce(String) -> String,
+        envs: &[(&str, &str)],
+    ) -> Relay {
         let listen = SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            free_port_on(&[Ipv4Addr::LOCALHOST]),
+        );
+        let admin = SocketAddr::new(
             IpAddr::V4(Ipv4Addr::LOCALHOST),
             free_port_on(&[Ipv4Addr::LOCALHOST]),
         );
@@ -95,6 +111,7 @@ impl Lab {
                 "[dns]\nnameservers = [\"{}\"]\n[tls]\nextra_roots = [\"{}\"]\n[storage]\ndata_dir = \"{}\"\n\
                  [delivery]\nport = {}\nhelo_name = \"relay.sender.test\"\nconnect_timeout_secs = 5\ncommand_timeout_secs = 10\n\
                  [sts]\npolicy_port = {}\nfetch_timeout_secs = 5\n\
+                 [admin]\nlisten = \"{admin}\"\n\
                  [server]\nlisten = \"{listen}\"\nhostname = \"relay.sender.test\"\n{extra}",
                 self.dns.addr(),
                 ca.display(),
@@ -109,6 +126,7 @@ impl Lab {
             .arg(&config)
             .arg("run")
             .env("RUST_LOG", "stsrelay=debug")
+            .envs(envs.iter().copied())
             .stderr(std::fs::File::create(self.dir.path().join("relay.log")).unwrap())
             .kill_on_drop(true)
             .spawn()
@@ -119,6 +137,7 @@ impl Lab {
                     child,
                     listen,
                     config,
+                    admin,
                 };
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

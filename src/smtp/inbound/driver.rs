@@ -131,6 +131,84 @@ where
     M: MessageSink + ?Sized,
     A: Authenticator + ?Sized,
 {
+    serve_until(
+        stream,
+        cfg,
+        peer,
+        store,
+        auth,
+        tls,
+        idle_timeout,
+        Shutdown::never(),
+    )
+    .await
+}
+
+/// A server-wide "closing down" signal for sessions: once raised, a session that is
+/// waiting for a command answers `421 4.3.2` and closes; one receiving a message
+/// finishes it (stored and acknowledged) first.
+///
+/// ```
+/// use stsrelay::smtp::inbound::Shutdown;
+/// let (raise, signal) = tokio::sync::watch::channel(false);
+/// let shutdown = Shutdown::from_watch(signal);
+/// assert!(!shutdown.is_raised());
+/// raise.send_replace(true);
+/// assert!(shutdown.is_raised());
+/// assert!(!Shutdown::never().is_raised());
+/// ```
+#[derive(Debug, Clone)]
+pub struct Shutdown(Option<tokio::sync::watch::Receiver<bool>>);
+
+impl Shutdown {
+    /// A signal that is never raised.
+    pub fn never() -> Shutdown {
+        Shutdown(None)
+    }
+
+    /// Raised when the watched value becomes `true` (or its sender is dropped).
+    pub fn from_watch(rx: tokio::sync::watch::Receiver<bool>) -> Shutdown {
+        Shutdown(Some(rx))
+    }
+
+    /// Has it been raised?
+    pub fn is_raised(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|rx| *rx.borrow() || rx.has_changed().is_err())
+    }
+
+    /// Wait until raised (forever for [`Shutdown::never`]).
+    async fn raised(&self) {
+        match &self.0 {
+            Some(rx) => {
+                let mut rx = rx.clone();
+                let _ = rx.wait_for(|s| *s).await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// [`serve_with_auth`] that also closes the session politely when `shutdown` is
+/// raised: at once if the client is between commands (`421 4.3.2`), after the
+/// message if it is sending one.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_until<S, M, A>(
+    stream: S,
+    cfg: SessionConfig,
+    peer: SocketAddr,
+    store: &M,
+    auth: &A,
+    tls: Option<TlsAcceptor>,
+    idle_timeout: Duration,
+    shutdown: Shutdown,
+) -> Result<SessionSummary, ServeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    M: MessageSink + ?Sized,
+    A: Authenticator + ?Sized,
+{
     let mut cfg = cfg;
     cfg.starttls_available &= tls.is_some();
     let mut session = Session::new(cfg, peer.ip());
@@ -141,6 +219,7 @@ where
     let io = Io {
         peer,
         idle: idle_timeout,
+        shutdown: &shutdown,
     };
     let step = io
         .converse(&mut stream, &mut session, store, auth, out)
@@ -191,12 +270,13 @@ where
 }
 
 #[derive(Clone, Copy)]
-pub(super) struct Io {
+pub(super) struct Io<'a> {
     peer: SocketAddr,
     idle: Duration,
+    shutdown: &'a Shutdown,
 }
 
-impl Io {
+impl Io<'_> {
     async fn flush<W: AsyncWrite + Unpin>(
         &self,
         w: &mut W,
@@ -268,7 +348,28 @@ impl Io {
             }
             // One flush per batch of pipelined replies.
             self.flush(io, &mut out).await?;
-            match tokio::time::timeout(self.idle, io.read(&mut buf)).await {
+            // Closing down: between commands, say so and close; a message being
+            // received is finished first (its client gets the 250).
+            let receiving = session.receiving_data();
+            let closing = async {
+                if receiving {
+                    std::future::pending::<()>().await;
+                }
+                self.shutdown.raised().await;
+            };
+            let read = tokio::select! {
+                r = tokio::time::timeout(self.idle, io.read(&mut buf)) => r,
+                () = closing => {
+                    let close = session.shutdown();
+                    if close.is_empty() {
+                        // Already closed: nothing left to say.
+                        return Ok(Step::End(SessionEnd::Closed(CloseReason::Shutdown)));
+                    }
+                    events.extend(close);
+                    continue;
+                }
+            };
+            match read {
                 Err(_) => events.extend(session.timeout()),
                 Ok(Ok(0)) => return Ok(Step::End(SessionEnd::ClientDisconnected)),
                 Ok(Ok(n)) => events.extend(session.feed(&buf[..n])),

@@ -142,8 +142,8 @@ use data::*;
 use parse::*;
 
 pub use driver::{
-    Authenticator, MessageSink, NoAuth, ServeError, SessionEnd, SessionSummary, serve,
-    serve_with_auth,
+    Authenticator, MessageSink, NoAuth, ServeError, SessionEnd, SessionSummary, Shutdown, serve,
+    serve_until, serve_with_auth,
 };
 pub use parse::{xtext_decode, xtext_encode};
 pub use trace::{received_header, rfc5322_date};
@@ -714,6 +714,11 @@ impl Session {
             ),
             CloseReason::Timeout,
         )
+    }
+
+    /// Is a message being received (between `354` and its end, or being stored)?
+    pub fn receiving_data(&self) -> bool {
+        matches!(self.phase, Phase::Data(_) | Phase::AwaitStore)
     }
 
     /// The server is going down: `421 4.3.2` and close.
