@@ -494,6 +494,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         ("queue", d(&old.queue, &new.queue)),
         ("admin", d(&old.admin, &new.admin)),
         ("log", d(&old.log, &new.log)),
+        ("socketmap", d(&old.socketmap, &new.socketmap)),
     ] {
         if changed {
             out.push(name);
