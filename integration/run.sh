@@ -415,9 +415,11 @@ if grep -q "integration bob@bad.test" "$W"/sink-127.0.0.2[678].eml 2>/dev/null; 
   echo "FAIL enforce_never_delivers_to_bad_mx"; failed=$((failed+1))
 else echo "ok   enforce_never_delivers_to_bad_mx"; passed=$((passed+1)); fi
 
+# --- operations (metrics, status page, signals); ends with the relay stopped -------
+source "$HERE/ops.sh"
+
 # --- TLS-RPT reports: parsedmarc and dkimpy read what the relay sent -----------------
 source "$HERE/tlsrpt.sh"
-source "$HERE/ops.sh"
 
 echo "integration: $passed passed, $failed failed"
 [ "$failed" = 0 ]
