@@ -211,6 +211,7 @@ impl Relay {
             engine: self.engine.clone(),
             ready: self.ready.clone(),
             started: self.started,
+            reports: self.reports.clone(),
         })
     }
 
@@ -511,6 +512,7 @@ struct RelayStatus {
     engine: Engine,
     ready: Arc<Readiness>,
     started: i64,
+    reports: Option<Arc<ReportService>>,
 }
 
 impl RelayStatus {
@@ -584,7 +586,28 @@ impl AdminSource for RelayStatus {
                 (Vec::new(), None)
             }
         };
+        let reports = match &self.reports {
+            None => None,
+            Some(r) => Some(
+                r.latest_reports()
+                    .await
+                    .map(|rows| {
+                        rows.into_iter()
+                            .map(|e| crate::ops::status::ReportRow {
+                                domain: e.policy_domain,
+                                day: e.day.to_string(),
+                                rua: e.rua,
+                                state: e.state.as_str().to_string(),
+                                attempts: e.attempts,
+                                last_result: e.last_result.unwrap_or_default(),
+                            })
+                            .collect()
+                    })
+                    .map_err(|e| e.to_string()),
+            ),
+        };
         Status {
+            reports,
             now,
             started: self.started,
             hostname,

@@ -348,6 +348,45 @@ async fn reports_go_out_by_signed_email_and_https_once_per_destination() {
     assert_eq!(lab.sinks[rua].messages().len(), 2);
     assert_eq!(posts().len(), after);
     assert!(queue_json(&relay).await.as_array().unwrap().is_empty());
+
+    // Operators see it: the relay's own HTTPS retry in /metrics, and the latest report
+    // per domain and destination on the status page.
+    let metrics = admin_get(&relay, "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("stsrelay_tlsrpt_reports_total")
+                && l.contains("transport=\"https\"")
+                && l.contains("outcome=\"sent\"")
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    let page = admin_get(&relay, "/").await;
+    assert!(page.contains("TLS-RPT reports"), "{page}");
+    assert!(
+        page.contains(&format!(
+            "https://reports.rua.test:{}/v1/tlsrpt",
+            lab.host.addr().port()
+        )),
+        "{page}"
+    );
+    assert!(page.contains("mailto:tlsrpt@rua.test"), "{page}");
+}
+
+async fn admin_get(relay: &Relay, path: &str) -> String {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap();
+    client
+        .get(format!("http://{}{path}", relay.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

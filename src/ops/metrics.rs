@@ -55,6 +55,9 @@ pub mod names {
     pub const QUEUE_CORRUPT: &str = "stsrelay_queue_corrupt_messages";
     /// Counter: SIGHUP reloads, label `outcome` (`ok`, `failed`).
     pub const CONFIG_RELOADS: &str = "stsrelay_config_reloads_total";
+    /// TLS-RPT report deliveries, by `transport` (`mailto`, `https`) and `outcome`
+    /// (`sent`, `retry`, `dropped`).
+    pub const TLSRPT_REPORTS: &str = "stsrelay_tlsrpt_reports_total";
     /// Histogram: seconds from receipt to delivery, per delivered recipient, label
     /// `mode` (buckets: [`DELAY_BUCKETS`](super::DELAY_BUCKETS)).
     pub const DELIVERY_DELAY: &str = "stsrelay_delivery_delay_seconds";
@@ -134,6 +137,10 @@ pub fn describe() {
         "Corrupt messages set aside in the spool"
     );
     describe_counter!(names::CONFIG_RELOADS, "Configuration reloads (SIGHUP)");
+    describe_counter!(
+        names::TLSRPT_REPORTS,
+        "TLS-RPT report delivery attempts by transport and outcome"
+    );
     describe_histogram!(
         names::DELIVERY_DELAY,
         metrics::Unit::Seconds,
@@ -229,6 +236,13 @@ pub fn policy_cache(hit: bool) {
 /// A reply from an MX to MAIL, RCPT, DATA or the end of data.
 pub fn smtp_reply(code: u16) {
     metrics::counter!(names::SMTP_REPLIES, "class" => reply_class(code)).increment(1);
+}
+
+/// A TLS-RPT report delivery attempt ended: `https` or `mailto` (handed to the spool),
+/// `sent`, `retry` or `dropped`.
+pub fn tlsrpt_report(transport: &'static str, outcome: &'static str) {
+    metrics::counter!(names::TLSRPT_REPORTS, "transport" => transport, "outcome" => outcome)
+        .increment(1);
 }
 
 /// A configuration reload finished.

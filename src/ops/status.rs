@@ -48,7 +48,30 @@ pub struct Status {
     pub policies: Vec<PolicyRow>,
     /// Cached policies in all; `None` when the store could not be read.
     pub policies_total: Option<usize>,
+    /// The latest TLS-RPT report of each domain, one row per destination; `None` when
+    /// reports are off, `Err` when the ledger could not be read.
+    pub reports: Option<Result<Vec<ReportRow>, String>>,
 }
+
+/// One report to one destination, as the status page shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportRow {
+    /// The policy domain.
+    pub domain: String,
+    /// The UTC day reported on (`YYYY-MM-DD`).
+    pub day: String,
+    /// Where it goes.
+    pub rua: String,
+    /// `pending`, `sent` or `dropped`.
+    pub state: String,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// The last outcome.
+    pub last_result: String,
+}
+
+/// At most this many report rows are shown.
+pub const MAX_REPORTS_SHOWN: usize = 200;
 
 impl Default for Status {
     fn default() -> Self {
@@ -62,6 +85,7 @@ impl Default for Status {
             recent: Recent::default(),
             policies: Vec::new(),
             policies_total: None,
+            reports: None,
         }
     }
 }
@@ -194,6 +218,7 @@ pub fn render(s: &Status) -> String {
     deliveries_section(&mut h, s);
     sessions_section(&mut h, s);
     policies_section(&mut h, s);
+    reports_section(&mut h, s);
     h.push_str("</main></body></html>\n");
     h
 }
@@ -349,6 +374,47 @@ fn policies_section(h: &mut String, s: &Status) {
     h.push_str("</section>");
 }
 
+fn reports_section(h: &mut String, s: &Status) {
+    h.push_str("<section class=wide><h2>TLS-RPT reports (latest per domain)</h2>");
+    match &s.reports {
+        None => h.push_str("<p class=muted>reports are off (tlsrpt.enabled = false)</p>"),
+        Some(Err(e)) => {
+            let _ = write!(
+                h,
+                "<p class=fail>report ledger unreadable: {}</p>",
+                escape(e)
+            );
+        }
+        Some(Ok(rows)) if rows.is_empty() => h.push_str("<p class=muted>no reports yet</p>"),
+        Some(Ok(rows)) => {
+            h.push_str(
+                "<table><tr><th>domain</th><th>day</th><th>destination</th><th>state</th>\
+                 <th class=num>attempts</th><th>last result</th></tr>",
+            );
+            for r in rows.iter().take(MAX_REPORTS_SHOWN) {
+                let class = match r.state.as_str() {
+                    "sent" => "ok",
+                    "dropped" => "fail",
+                    _ => "",
+                };
+                let _ = write!(
+                    h,
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"{class}\">{}</td>\
+                     <td class=num>{}</td><td>{}</td></tr>",
+                    escape(&r.domain),
+                    escape(&r.day),
+                    escape(&r.rua),
+                    escape(&r.state),
+                    r.attempts,
+                    escape(&r.last_result),
+                );
+            }
+            h.push_str("</table>");
+        }
+    }
+    h.push_str("</section>");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,8 +448,18 @@ mod tests {
                 expires_at: 1_800_086_400,
             }],
             policies_total: Some(1),
+            reports: Some(Ok(vec![ReportRow {
+                domain: "example.com".into(),
+                day: "2026-11-27".into(),
+                rua: "mailto:tlsrpt@example.com".into(),
+                state: "sent".into(),
+                attempts: 1,
+                last_result: "queued as 1A2B".into(),
+            }])),
         };
         let h = render(&s);
+        assert!(h.contains("mailto:tlsrpt@example.com"), "{h}");
+        assert!(h.contains("queued as 1A2B"));
         assert!(h.contains("relay&lt;x&gt;"));
         assert!(!h.contains("<script>"));
         assert!(h.contains(">7</td>"), "{h}");
@@ -402,5 +478,6 @@ mod tests {
         assert!(h.contains("spool unreadable: disk on fire"));
         assert!(h.contains("policy store unreadable"));
         assert!(h.contains("Not ready"));
+        assert!(h.contains("reports are off"));
     }
 }

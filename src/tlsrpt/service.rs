@@ -298,6 +298,24 @@ impl ReportService {
         Ok(out)
     }
 
+    /// The newest ledger rows of each policy domain (its latest reported day), newest
+    /// day first, for the status page.
+    pub async fn latest_reports(&self) -> Result<Vec<LedgerEntry>, ReportError> {
+        let mut rows = self.store.ledger_list(None).await?;
+        rows.sort_by(|a, b| {
+            b.day
+                .cmp(&a.day)
+                .then(a.policy_domain.cmp(&b.policy_domain))
+                .then(a.rua.cmp(&b.rua))
+        });
+        let mut latest: std::collections::HashMap<String, Day> = Default::default();
+        rows.retain(|r| *latest.entry(r.policy_domain.clone()).or_insert(r.day) == r.day);
+        for r in &mut rows {
+            r.gzip = Vec::new();
+        }
+        Ok(rows)
+    }
+
     /// Deliver the ledger rows that are due, one claim at a time (so no other process
     /// sends a row meanwhile, and a claim cannot run out while it waits its turn).
     /// Returns the rows as they ended this pass.
@@ -323,6 +341,19 @@ impl ReportService {
                 }
             };
             let ctx = (&row.policy_domain, row.day, &row.rua);
+            let transport = if row.rua.starts_with("mailto:") {
+                "mailto"
+            } else {
+                "https"
+            };
+            crate::ops::metrics::tlsrpt_report(
+                transport,
+                match &outcome {
+                    Outcome::Delivered(_) => "sent",
+                    Outcome::Retry(_) => "retry",
+                    Outcome::Permanent(_) => "dropped",
+                },
+            );
             match outcome {
                 Outcome::Delivered(how) => {
                     tracing::info!(domain = %ctx.0, day = %ctx.1, rua = %ctx.2, report_id = %row.report_id, result = %how, "TLS-RPT report sent");
