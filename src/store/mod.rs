@@ -1,6 +1,6 @@
-//! Persistence behind one trait, so the embedded SQLite store and a shared store for
-//! several nodes are interchangeable: MTA-STS policies ([`PolicyStore`]) and TLS-RPT
-//! counters and the report ledger ([`ReportStore`]).
+//! Persistence behind traits, so the embedded SQLite store and a shared store for
+//! several nodes can be swapped: MTA-STS policies ([`PolicyStore`]: SQLite, or memory for
+//! library users) and TLS-RPT counters and the report ledger ([`ReportStore`]: SQLite).
 
 mod memory;
 mod sqlite;

@@ -7,7 +7,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// SQLite-backed [`PolicyStore`]. Calls run on tokio's blocking pool.
+/// SQLite-backed [`PolicyStore`] and [`ReportStore`] (`store.sqlite3`). Calls run on
+/// tokio's blocking pool.
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
