@@ -48,18 +48,9 @@ impl Day {
         Day(self.0 + 1)
     }
 
-    /// (year, month, day), proleptic Gregorian (Howard Hinnant's civil_from_days).
+    /// (year, month, day), proleptic Gregorian.
     pub fn ymd(self) -> (i64, u32, u32) {
-        let z = self.0 + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z.rem_euclid(146_097);
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-        let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-        let y = yoe + era * 400 + i64::from(m <= 2);
-        (y, m, d)
+        crate::clock::civil_from_days(self.0)
     }
 
     /// The day of (year, month, day), or `None` if there is no such date.
@@ -67,13 +58,7 @@ impl Day {
         if !(1..=12).contains(&m) || d == 0 || d > days_in_month(y, m) {
             return None;
         }
-        let y = if m <= 2 { y - 1 } else { y };
-        let era = y.div_euclid(400);
-        let yoe = y.rem_euclid(400);
-        let mp = i64::from(if m > 2 { m - 3 } else { m + 9 });
-        let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        Some(Day(era * 146_097 + doe - 719_468))
+        Some(Day(crate::clock::days_from_civil(y, m, d)))
     }
 }
 
