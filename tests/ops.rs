@@ -17,18 +17,7 @@ use std::time::Duration;
 const MSG: &str = "Subject: ops\r\nFrom: alice@sender.test\r\n\r\nHello.\r\n";
 
 async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
-    let r = client
-        .get(format!("http://{addr}{path}"))
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.text().await.unwrap())
+    common::relay::http_get(addr, path).await
 }
 
 /// The value of the sample `name{labels}` (labels in any order, all of them given);

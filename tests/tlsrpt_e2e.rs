@@ -374,19 +374,7 @@ async fn reports_go_out_by_signed_email_and_https_once_per_destination() {
 }
 
 async fn admin_get(relay: &Relay, path: &str) -> String {
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(std::time::Duration::from_secs(10))
-        .build()
-        .unwrap();
-    client
-        .get(format!("http://{}{path}", relay.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    common::relay::http_get(relay.admin, path).await.1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -214,3 +214,19 @@ pub async fn eventually(what: &str, lab: &Lab, mut f: impl AsyncFnMut() -> bool)
         lab.log()
     );
 }
+
+/// GET `http://ADDR/PATH` (the admin endpoint): status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let r = client
+        .get(format!("http://{addr}{path}"))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.text().await.unwrap())
+}
