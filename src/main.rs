@@ -79,7 +79,8 @@ enum QueueAction {
 
 #[derive(Subcommand)]
 enum ReportAction {
-    /// Print the JSON reports a day would produce (one per policy domain with sessions).
+    /// Print the reports a day would produce, as a JSON array (one per policy domain
+    /// with sessions); where each would go is said on standard error.
     Preview {
         /// UTC day, YYYY-MM-DD (default: yesterday; today gives the day so far).
         #[arg(long)]
@@ -259,11 +260,8 @@ async fn report(cfg: &Config, action: ReportAction) -> ExitCode {
             .preview(day, domain.as_deref())
             .await
             .map(|reports| {
-                for (r, rec) in reports {
-                    match serde_json::to_string_pretty(&r) {
-                        Ok(json) => println!("{json}"),
-                        Err(e) => eprintln!("stsrelay: {e}"),
-                    }
+                // One JSON array on stdout (scripts can parse it); destinations on stderr.
+                for (r, rec) in &reports {
                     let domain = &r.policies[0].policy.policy_domain;
                     match rec {
                         Some(rec) => eprintln!(
@@ -276,6 +274,11 @@ async fn report(cfg: &Config, action: ReportAction) -> ExitCode {
                         ),
                         None => eprintln!("{domain}: publishes no usable TLS-RPT record: not sent"),
                     }
+                }
+                let all: Vec<_> = reports.into_iter().map(|(r, _)| r).collect();
+                match serde_json::to_string_pretty(&all) {
+                    Ok(json) => println!("{json}"),
+                    Err(e) => eprintln!("stsrelay: {e}"),
                 }
             })
     };

@@ -215,8 +215,9 @@ async fn reports_go_out_by_signed_email_and_https_once_per_destination() {
     .await;
     assert!(ok, "{err}");
     let preview: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(preview.as_array().map(Vec::len), Some(1), "{preview}");
     assert_eq!(
-        preview["policies"][0]["policy"]["policy-domain"],
+        preview[0]["policies"][0]["policy"]["policy-domain"],
         "testing.test"
     );
     assert!(err.contains("mailto:tlsrpt@rua.test"), "{err}");
