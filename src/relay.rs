@@ -496,6 +496,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         ("admin", d(&old.admin, &new.admin)),
         ("log", d(&old.log, &new.log)),
         ("socketmap", d(&old.socketmap, &new.socketmap)),
+        ("tlsrpt", d(&old.tlsrpt, &new.tlsrpt)),
     ] {
         if changed {
             out.push(name);
