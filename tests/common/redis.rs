@@ -1,0 +1,93 @@
+//! A throw-away `redis-server` (the Debian package) on a free loopback port, in a
+//! temporary directory, with persistence off; killed when dropped.
+//!
+//! `REDIS_SERVER` names the binary (default `redis-server` on `PATH`). If it cannot be
+//! started the test fails with a message saying so: the Redis tests never pass
+//! silently without a server.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A running `redis-server`.
+pub struct RedisServer {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Start a server and wait (bounded) until it answers PING.
+    pub fn start() -> RedisServer {
+        let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let mut last = String::new();
+        // A few attempts: the free port found may be taken before redis binds it.
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("temp dir for redis-server");
+            let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .and_then(|l| l.local_addr())
+                .expect("free loopback port")
+                .port();
+            let child = Command::new(&bin)
+                .args(["--port", &port.to_string()])
+                .args(["--bind", "127.0.0.1"])
+                .args(["--save", ""])
+                .args(["--appendonly", "no"])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn();
+            let child = match child {
+                Ok(c) => c,
+                Err(e) => panic!(
+                    "cannot run {bin:?} ({e}): the Redis store tests need redis-server \
+                     (Debian package `redis-server`, or set REDIS_SERVER)"
+                ),
+            };
+            let mut server = RedisServer {
+                child,
+                addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                _dir: dir,
+            };
+            for _ in 0..100 {
+                if server.pings() {
+                    return server;
+                }
+                if let Ok(Some(status)) = server.child.try_wait() {
+                    last = format!("redis-server exited: {status}");
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if last.is_empty() {
+                last = "redis-server did not answer PING within 5 s".into();
+            }
+        }
+        panic!("could not start redis-server: {last}");
+    }
+
+    fn pings(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut buf = [0u8; 16];
+        s.write_all(b"PING\r\n").is_ok()
+            && matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+    }
+
+    /// `redis://127.0.0.1:PORT/`.
+    pub fn url(&self) -> String {
+        format!("redis://{}/", self.addr)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
