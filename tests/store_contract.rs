@@ -661,6 +661,41 @@ async fn redis_prefixes_keep_fleets_apart() {
         .unwrap();
     assert!(!keys.is_empty());
     assert!(keys.iter().all(|k| k.starts_with("fleet-a:")), "{keys:?}");
+    // Counters expire on their own if nobody prunes them (15 days by default).
+    let ttl: i64 = ::redis::cmd("TTL")
+        .arg("fleet-a:tlsrpt:count:2026-11-27:a.test")
+        .query_async(&mut raw(&server).await)
+        .await
+        .unwrap();
+    assert!((86_400..=15 * 86_400).contains(&ttl), "{ttl}");
+}
+
+#[tokio::test]
+async fn redis_store_reconnects_after_a_server_restart() {
+    let mut server = RedisServer::start();
+    let s = RedisStore::connect(&server.url(), "stsrelay:")
+        .await
+        .unwrap();
+    let p = policy("a.test", "1", "enforce", 1);
+    s.put_policy(&p).await.unwrap();
+    server.restart();
+    let size: i64 = ::redis::cmd("DBSIZE")
+        .query_async(&mut raw(&server).await)
+        .await
+        .unwrap();
+    assert_eq!(size, 0, "a new, empty server");
+    // The first calls may fail while the connection is re-established; then the same
+    // handle works again (the restarted server is empty: no persistence).
+    let mut ok = false;
+    for _ in 0..50 {
+        if s.put_policy(&p).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ok, "the store did not reconnect");
+    assert_eq!(s.get_policy("a.test").await.unwrap(), Some(p));
 }
 
 #[tokio::test]

@@ -69,6 +69,48 @@ impl RedisServer {
         panic!("could not start redis-server: {last}");
     }
 
+    /// Kill the server and start a new, empty one on the same port (as after a crash
+    /// of a server without persistence); waits (bounded) until it answers PING.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let port = self.addr.port().to_string();
+        for _ in 0..20 {
+            self.child = Command::new(&bin)
+                .args([
+                    "--port",
+                    &port,
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .arg("--dir")
+                .arg(self._dir.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("restart redis-server");
+            for _ in 0..100 {
+                if self.pings() {
+                    return;
+                }
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    break; // port not free yet: try again
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("could not restart redis-server on port {port}");
+    }
+
     fn pings(&self) -> bool {
         let Ok(mut s) = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)) else {
             return false;
