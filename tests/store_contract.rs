@@ -5,6 +5,7 @@
 //! Each test gets two handles on the same data: two opens of one SQLite file, or two
 //! Redis connections with one prefix — two relay nodes.
 
+mod common;
 #[path = "common/redis.rs"]
 mod redis_server;
 
@@ -808,4 +809,36 @@ async fn redis_errors_name_the_operation() {
         .await
         .unwrap_err();
     assert_eq!(e.op, "add counts", "{e}");
+}
+
+#[tokio::test]
+async fn redis_over_tls_with_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::pki::TestCa::new("Test Redis CA");
+    let (cert, key) = ca.leaf(&["127.0.0.1"]).write_pem(dir.path(), "redis");
+    let server = RedisServer::start_tls(&cert, &key);
+    let ca_pem = ca.ca_pem();
+    let s =
+        RedisStore::connect_with_root_ca(&server.tls_url(), "stsrelay:", Some(ca_pem.as_bytes()))
+            .await
+            .unwrap();
+    let p = policy("a.test", "1", "enforce", 1);
+    s.put_policy(&p).await.unwrap();
+    // Over the plain port: the same data.
+    let plain = RedisStore::connect(&server.url(), "stsrelay:")
+        .await
+        .unwrap();
+    assert_eq!(plain.get_policy("a.test").await.unwrap(), Some(p));
+    // Without that CA (system roots only) the certificate is not trusted.
+    let e = RedisStore::connect(&server.tls_url(), "stsrelay:")
+        .await
+        .unwrap_err();
+    assert_eq!(e.op, "redis connect", "{e}");
+    // Another CA is not trusted either.
+    let other = common::pki::TestCa::new("Other CA").ca_pem();
+    let e =
+        RedisStore::connect_with_root_ca(&server.tls_url(), "stsrelay:", Some(other.as_bytes()))
+            .await
+            .unwrap_err();
+    assert_eq!(e.op, "redis connect", "{e}");
 }

@@ -76,11 +76,32 @@ impl RedisStore {
     /// The default key prefix.
     pub const DEFAULT_PREFIX: &'static str = "stsrelay:";
 
-    /// Connect to `url` (`redis://[user:pass@]host:port/db`, or `rediss://` for TLS).
-    /// Fails if the server cannot be reached now; afterwards the connection is
-    /// re-established on its own when it breaks.
+    /// Connect to `url` (`redis://[user:pass@]host:port/db`, or `rediss://` for TLS,
+    /// verified against the system's trusted roots). Fails if the server cannot be
+    /// reached now; afterwards the connection is re-established on its own when it
+    /// breaks.
     pub async fn connect(url: &str, prefix: &str) -> Result<RedisStore, StoreError> {
-        let client = redis::Client::open(url).map_err(err("redis url"))?;
+        Self::connect_with_root_ca(url, prefix, None).await
+    }
+
+    /// Like [`RedisStore::connect`], but a `rediss://` server's certificate is verified
+    /// against `ca_pem` (PEM, one or more certificates) instead of the system roots.
+    pub async fn connect_with_root_ca(
+        url: &str,
+        prefix: &str,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<RedisStore, StoreError> {
+        let client = match ca_pem {
+            None => redis::Client::open(url),
+            Some(pem) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.to_vec()),
+                },
+            ),
+        }
+        .map_err(err("redis url"))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(5)))

@@ -14,28 +14,49 @@ use std::time::Duration;
 pub struct RedisServer {
     child: Child,
     addr: SocketAddr,
+    tls_port: Option<u16>,
     _dir: tempfile::TempDir,
 }
 
 impl RedisServer {
     /// Start a server and wait (bounded) until it answers PING.
     pub fn start() -> RedisServer {
+        Self::start_with(None)
+    }
+
+    /// Like [`RedisServer::start`], with a TLS port too (server certificate and key
+    /// files in PEM; clients need no certificate). PING is checked on the plain port.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> RedisServer {
+        Self::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&std::path::Path, &std::path::Path)>) -> RedisServer {
         let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         let mut last = String::new();
         // A few attempts: the free port found may be taken before redis binds it.
         for _ in 0..5 {
             let dir = tempfile::tempdir().expect("temp dir for redis-server");
-            let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .and_then(|l| l.local_addr())
-                .expect("free loopback port")
-                .port();
-            let child = Command::new(&bin)
-                .args(["--port", &port.to_string()])
+            let free = || TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("free loopback port");
+            let (l1, l2) = (free(), free());
+            let port = l1.local_addr().expect("port").port();
+            let tls_port = l2.local_addr().expect("port").port();
+            drop((l1, l2));
+            let mut cmd = Command::new(&bin);
+            cmd.args(["--port", &port.to_string()])
                 .args(["--bind", "127.0.0.1"])
                 .args(["--save", ""])
                 .args(["--appendonly", "no"])
                 .arg("--dir")
-                .arg(dir.path())
+                .arg(dir.path());
+            if let Some((cert, key)) = tls {
+                cmd.args(["--tls-port", &tls_port.to_string()])
+                    .arg("--tls-cert-file")
+                    .arg(cert)
+                    .arg("--tls-key-file")
+                    .arg(key)
+                    .args(["--tls-auth-clients", "no"]);
+            }
+            let child = cmd
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -50,6 +71,7 @@ impl RedisServer {
             let mut server = RedisServer {
                 child,
                 addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                tls_port: tls.map(|_| tls_port),
                 _dir: dir,
             };
             for _ in 0..100 {
@@ -70,7 +92,8 @@ impl RedisServer {
     }
 
     /// Kill the server and start a new, empty one on the same port (as after a crash
-    /// of a server without persistence); waits (bounded) until it answers PING.
+    /// of a server without persistence; plain port only); waits (bounded) until it
+    /// answers PING.
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -119,6 +142,12 @@ impl RedisServer {
         let mut buf = [0u8; 16];
         s.write_all(b"PING\r\n").is_ok()
             && matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+    }
+
+    /// `rediss://127.0.0.1:TLS_PORT/` (only for [`RedisServer::start_tls`]).
+    pub fn tls_url(&self) -> String {
+        let port = self.tls_port.expect("started with start_tls");
+        format!("rediss://127.0.0.1:{port}/")
     }
 
     /// `redis://127.0.0.1:PORT/`.
