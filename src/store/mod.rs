@@ -3,9 +3,11 @@
 //! library users) and TLS-RPT counters and the report ledger ([`ReportStore`]: SQLite).
 
 mod memory;
+mod redis;
 mod sqlite;
 
 pub use memory::MemoryStore;
+pub use redis::RedisStore;
 pub use sqlite::SqliteStore;
 
 use crate::sts::CachedPolicy;
