@@ -1,6 +1,8 @@
 //! Persistence behind traits, so the embedded SQLite store and a shared store for
-//! several nodes can be swapped: MTA-STS policies ([`PolicyStore`]: SQLite, or memory for
-//! library users) and TLS-RPT counters and the report ledger ([`ReportStore`]: SQLite).
+//! several nodes can be swapped: MTA-STS policies ([`PolicyStore`]: SQLite, Redis, or
+//! memory for library users) and TLS-RPT counters and the report ledger
+//! ([`ReportStore`]: SQLite or Redis). The relay uses SQLite so far; wiring Redis in
+//! (`storage.backend`) is issue 6.
 
 mod memory;
 mod redis;
