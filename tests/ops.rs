@@ -103,14 +103,8 @@ async fn metrics_count_deliveries_and_status_page_shows_them() {
         "1",
         "version: STSv1\nmode: enforce\nmx: mx.good.test\nmax_age: 86400\n",
     );
-    let leaf = lab.ca.leaf(&["mx.good.test"]);
     let good = lab
-        .mx(
-            "good.test",
-            "mx.good.test",
-            50,
-            SinkOptions::tls("mx.good.test", leaf.server_config()),
-        )
+        .tls_mx("good.test", "mx.good.test", 50, &["mx.good.test"])
         .await;
     let plain = lab
         .mx(
@@ -573,14 +567,8 @@ async fn sigterm_during_a_load_run_loses_nothing() {
         "1",
         "version: STSv1\nmode: enforce\nmx: mx.load.test\nmax_age: 86400\n",
     );
-    let leaf = lab.ca.leaf(&["mx.load.test"]);
     let sink = lab
-        .mx(
-            "load.test",
-            "mx.load.test",
-            56,
-            SinkOptions::tls("mx.load.test", leaf.server_config()),
-        )
+        .tls_mx("load.test", "mx.load.test", 56, &["mx.load.test"])
         .await;
     let mut notify = NotifySocket::bind(lab.dir.path());
     let mut relay = lab

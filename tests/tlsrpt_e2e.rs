@@ -109,14 +109,8 @@ async fn reports_go_out_by_signed_email_and_https_once_per_destination() {
         "1",
         "version: STSv1\nmode: enforce\nmx: mx.good.test\nmax_age: 86400\n",
     );
-    let leaf = lab.ca.leaf(&["mx.good.test"]);
     let good = lab
-        .mx(
-            "good.test",
-            "mx.good.test",
-            60,
-            SinkOptions::tls("mx.good.test", leaf.server_config()),
-        )
+        .tls_mx("good.test", "mx.good.test", 60, &["mx.good.test"])
         .await;
     let https = format!(
         "https://reports.rua.test:{}/v1/tlsrpt",
@@ -132,14 +126,8 @@ async fn reports_go_out_by_signed_email_and_https_once_per_destination() {
         "1",
         "version: STSv1\nmode: testing\nmx: mx.testing.test\nmax_age: 86400\n",
     );
-    let wrong = lab.ca.leaf(&["other.test"]);
     let testing = lab
-        .mx(
-            "testing.test",
-            "mx.testing.test",
-            61,
-            SinkOptions::tls("mx.testing.test", wrong.server_config()),
-        )
+        .tls_mx("testing.test", "mx.testing.test", 61, &["other.test"])
         .await;
     lab.dns.set_txt(
         "_smtp._tls.testing.test",
@@ -154,14 +142,8 @@ async fn reports_go_out_by_signed_email_and_https_once_per_destination() {
     );
     // STARTTLS with a certificate for another name: the enforce policy fails, and a
     // session that were counted would show up under rua.test.
-    let other = lab.ca.leaf(&["not-mx.rua.test"]);
     let rua = lab
-        .mx(
-            "rua.test",
-            "mx.rua.test",
-            62,
-            SinkOptions::tls("mx.rua.test", other.server_config()),
-        )
+        .tls_mx("rua.test", "mx.rua.test", 62, &["not-mx.rua.test"])
         .await;
     lab.dns.set_txt(
         "_smtp._tls.rua.test",
@@ -472,14 +454,8 @@ async fn a_failed_policy_fetch_is_counted_with_its_result_type() {
     );
     lab.host
         .serve("mta-sts.nofetch.test", Behaviour::status(404, "gone"));
-    let leaf = lab.ca.leaf(&["mx.nofetch.test"]);
     let s = lab
-        .mx(
-            "nofetch.test",
-            "mx.nofetch.test",
-            65,
-            SinkOptions::tls("mx.nofetch.test", leaf.server_config()),
-        )
+        .tls_mx("nofetch.test", "mx.nofetch.test", 65, &["mx.nofetch.test"])
         .await;
     let relay = lab.start_relay("").await;
     submit(&relay, "alice@sender.test", &["bob@nofetch.test"], MSG).await;

@@ -74,6 +74,19 @@ impl Lab {
         self.sinks.len() - 1
     }
 
+    /// An MX sink for `domain` at 127.0.0.`last` offering STARTTLS with a certificate
+    /// from the test CA for `names`; returns its index in `sinks`.
+    pub async fn tls_mx(&mut self, domain: &str, host: &str, last: u8, names: &[&str]) -> usize {
+        let leaf = self.ca.leaf(names);
+        self.mx(
+            domain,
+            host,
+            last,
+            SinkOptions::tls(host, leaf.server_config()),
+        )
+        .await
+    }
+
     pub async fn start_relay(&self, extra: &str) -> Relay {
         self.start_relay_edited(extra, |c| c).await
     }
