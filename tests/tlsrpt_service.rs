@@ -68,6 +68,18 @@ impl Setup {
             .clock(Arc::new(clock.clone()))
     }
 
+    /// The report endpoint answers 200.
+    fn accept_posts(&self) {
+        self.host.serve(
+            "reports.example.test",
+            Behaviour::Respond {
+                status: 200,
+                headers: vec![],
+                body: vec![],
+            },
+        );
+    }
+
     fn posts(&self) -> usize {
         self.host
             .requests()
@@ -95,14 +107,7 @@ fn session(at: i64) -> SessionResult {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daily_run_waits_for_the_day_to_end_and_sends_once() {
     let s = Setup::new("send_delay_max_secs = 0\nallow_private_rua = true\n").await;
-    s.host.serve(
-        "reports.example.test",
-        Behaviour::Respond {
-            status: 200,
-            headers: vec![],
-            body: vec![],
-        },
-    );
+    s.accept_posts();
     let day: Day = "2026-11-27".parse().unwrap();
     s.store()
         .add_counts(count(&[session(day.start() + 5), session(day.end() - 5)]))
@@ -196,14 +201,7 @@ async fn reports_to_internal_addresses_are_refused_by_default() {
     // reports.example.test resolves to 127.0.0.1: without tlsrpt.allow_private_rua the
     // relay does not connect (the name may move to a public address: it is retried).
     let s = Setup::new("").await;
-    s.host.serve(
-        "reports.example.test",
-        Behaviour::Respond {
-            status: 200,
-            headers: vec![],
-            body: vec![],
-        },
-    );
+    s.accept_posts();
     let day: Day = "2026-11-27".parse().unwrap();
     s.store()
         .add_counts(count(&[session(day.start() + 5)]))

@@ -56,34 +56,29 @@ impl StoreRecorder {
                 }
                 carried += n;
                 let counts: Vec<_> = carry.iter().map(|(k, c)| (k.clone(), *c)).collect();
-                match store.add_counts(counts).await {
-                    Ok(()) => {
-                        carry.clear();
-                        written.fetch_sub(carried, Ordering::SeqCst);
-                        carried = 0;
-                        if received == 0 {
-                            break;
-                        }
-                        // Let a burst accumulate into one transaction.
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, results = carried, "cannot store TLS session results; will retry");
-                        if carry.len() > CARRY || received == 0 {
-                            tracing::error!(
-                                lost = carried,
-                                "TLS session results given up: the store has failed too long"
-                            );
-                            carry.clear();
-                            written.fetch_sub(carried, Ordering::SeqCst);
-                            carried = 0;
-                        }
-                        if received == 0 {
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
+                let stored = store.add_counts(counts).await;
+                if let Err(e) = &stored {
+                    tracing::error!(error = %e, results = carried, "cannot store TLS session results; will retry");
                 }
+                let give_up = stored.is_err() && (carry.len() > CARRY || received == 0);
+                if give_up {
+                    tracing::error!(
+                        lost = carried,
+                        "TLS session results given up: the store has failed too long"
+                    );
+                }
+                if stored.is_ok() || give_up {
+                    carry.clear();
+                    written.fetch_sub(carried, Ordering::SeqCst);
+                    carried = 0;
+                }
+                if received == 0 {
+                    break;
+                }
+                // After a success, let a burst accumulate into one transaction; after a
+                // failure, give the store a moment.
+                let pause = if stored.is_ok() { 20 } else { 1000 };
+                tokio::time::sleep(Duration::from_millis(pause)).await;
             }
         });
         StoreRecorder {
