@@ -91,14 +91,49 @@ pub struct TlsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
-    /// Directory for the policy cache (and later the spool). Default `./data`.
+    /// Directory for the spool and the local store (`store.sqlite3`). Default `./data`.
     pub data_dir: PathBuf,
+    /// Where policies, TLS-RPT counters and the report ledger live: `sqlite` (default,
+    /// in `data_dir`) or `redis` (shared by a fleet of nodes; `redis_url`).
+    pub backend: StorageBackend,
+    /// With `backend = "redis"`: `redis://[user:password@]host:port/db`, or
+    /// `rediss://…` for TLS.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key (several fleets can share one server). Default
+    /// `stsrelay:`.
+    pub redis_prefix: String,
+    /// PEM file of the CA that signed a `rediss://` server's certificate (default: the
+    /// system's roots).
+    pub redis_ca_file: Option<PathBuf>,
+    /// Longest wait for one Redis command, in milliseconds (default 500); past it the
+    /// node uses its local fallback.
+    pub redis_timeout_ms: u64,
+    /// After a Redis failure, how long the node uses its fallback before it tries
+    /// Redis again, in seconds (default 5).
+    pub redis_retry_secs: u64,
+}
+
+/// `storage.backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// SQLite in `storage.data_dir` (one node).
+    #[default]
+    Sqlite,
+    /// Redis at `storage.redis_url`, shared by several nodes.
+    Redis,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             data_dir: PathBuf::from("./data"),
+            backend: StorageBackend::Sqlite,
+            redis_url: None,
+            redis_prefix: "stsrelay:".into(),
+            redis_ca_file: None,
+            redis_timeout_ms: 500,
+            redis_retry_secs: 5,
         }
     }
 }
@@ -329,6 +364,10 @@ pub struct TlsRptConfig {
     /// Give up on a report this long after its first attempt, seconds (default 24 h,
     /// RFC 8460 §5.5).
     pub give_up_secs: u64,
+    /// A node that takes a report to send holds it this long, seconds (default 120,
+    /// raised to twice `https_timeout_secs` + 5 if that is longer): no other node
+    /// sends it meanwhile; if the node dies, another sends it after this.
+    pub claim_lease_secs: u64,
     /// Keep session counters and sent reports this many days (default 14).
     pub keep_days: u32,
     /// Allow `https:` rua endpoints on loopback, private, link-local and other
@@ -352,6 +391,7 @@ impl Default for TlsRptConfig {
             https_timeout_secs: 10,
             https_retry_secs: 300,
             give_up_secs: 86_400,
+            claim_lease_secs: 120,
             keep_days: 14,
             allow_private_rua: false,
         }
@@ -501,6 +541,30 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return invalid("log.level", &format!("not a RUST_LOG-style filter: {e}"));
         }
+        let st = &self.storage;
+        if st.backend == StorageBackend::Redis {
+            match st.redis_url.as_deref() {
+                None | Some("") => {
+                    return invalid("storage.redis_url", "required with backend = \"redis\"");
+                }
+                Some(u) if !(u.starts_with("redis://") || u.starts_with("rediss://")) => {
+                    return invalid(
+                        "storage.redis_url",
+                        "must start with redis:// or rediss:// (TLS)",
+                    );
+                }
+                Some(u) if st.redis_ca_file.is_some() && !u.starts_with("rediss://") => {
+                    return invalid("storage.redis_ca_file", "needs a rediss:// URL");
+                }
+                Some(_) => {}
+            }
+        }
+        if st.redis_timeout_ms == 0 || st.redis_timeout_ms > 60_000 {
+            return invalid("storage.redis_timeout_ms", "must be between 1 and 60000");
+        }
+        if st.redis_retry_secs == 0 || st.redis_retry_secs > 3600 {
+            return invalid("storage.redis_retry_secs", "must be between 1 and 3600");
+        }
         if self.delivery.port == 0 {
             return invalid("delivery.port", "must not be 0");
         }
@@ -557,6 +621,9 @@ impl Config {
         }
         if r.https_timeout_secs == 0 || r.https_timeout_secs > 600 {
             return invalid("tlsrpt.https_timeout_secs", "must be between 1 and 600");
+        }
+        if r.claim_lease_secs < 5 || r.claim_lease_secs > 86_400 {
+            return invalid("tlsrpt.claim_lease_secs", "must be between 5 and 86400");
         }
         if r.https_retry_secs == 0 || r.https_retry_secs > 86_400 {
             return invalid("tlsrpt.https_retry_secs", "must be between 1 and 86400");
@@ -773,7 +840,7 @@ mod example_file {
         let d = super::Config::default();
         assert_eq!(format!("{:?}", c.sts), format!("{:?}", d.sts));
         assert_eq!(format!("{:?}", c.delivery), format!("{:?}", d.delivery));
-        assert_eq!(c.storage.data_dir, d.storage.data_dir);
+        assert_eq!(format!("{:?}", c.storage), format!("{:?}", d.storage));
         assert_eq!(c.dns_timeout(), d.dns_timeout());
         assert_eq!(format!("{:?}", c.server), format!("{:?}", d.server));
         assert_eq!(format!("{:?}", c.queue), format!("{:?}", d.queue));

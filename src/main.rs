@@ -246,7 +246,7 @@ async fn report(cfg: &Config, action: ReportAction) -> ExitCode {
         );
         return ExitCode::from(EX_CONFIG);
     }
-    let service = match report_service(cfg) {
+    let service = match report_service(cfg).await {
         Ok(s) => s,
         Err((code, e)) => {
             eprintln!("stsrelay: {e}");
@@ -295,17 +295,17 @@ async fn report(cfg: &Config, action: ReportAction) -> ExitCode {
     }
 }
 
-fn report_service(cfg: &Config) -> Result<stsrelay::tlsrpt::ReportService, (u8, String)> {
-    use std::sync::Arc;
-    let store = stsrelay::store::SqliteStore::open(&cfg.storage.data_dir)
-        .map_err(|e| (EX_TEMPFAIL, e.to_string()))?;
+async fn report_service(cfg: &Config) -> Result<stsrelay::tlsrpt::ReportService, (u8, String)> {
+    let store =
+        stsrelay::store::Backend::open(cfg).map_err(|e| (EX_TEMPFAIL, e.to_string()))?;
+    store.connect().await;
     let spool = stsrelay::queue::spool::Spool::open(&cfg.storage.data_dir)
         .map_err(|e| (EX_TEMPFAIL, e.to_string()))?;
     let resolver = stsrelay::dns::Resolver::from_config(cfg)
         .map_err(|e| (EX_CONFIG, format!("dns.nameservers: {e}")))?;
     let trust =
         stsrelay::tls::TrustStore::from_config(cfg).map_err(|e| (EX_CONFIG, e.to_string()))?;
-    stsrelay::tlsrpt::ReportService::new(cfg, Arc::new(store), resolver, &trust, spool)
+    stsrelay::tlsrpt::ReportService::new(cfg, store.reports(), resolver, &trust, spool)
         .map_err(|e| (EX_CONFIG, e.to_string()))
 }
 

@@ -12,7 +12,7 @@ use crate::queue::scheduler::Scheduler;
 use crate::queue::spool::{Envelope, Notify, RecipientSpec, Ret, Spool};
 use crate::smtp::auth::UserFile;
 use crate::smtp::inbound::{self, InboundEnvelope, MessageSink, SessionConfig, Shutdown};
-use crate::store::SqliteStore;
+use crate::store::Backend;
 use crate::sts::{Engine, EngineOptions, FetchOptions, HttpsFetcher};
 use crate::tls::TrustStore;
 use crate::tlsrpt::{ReportService, SessionRecorder, StoreRecorder};
@@ -114,6 +114,7 @@ pub struct Relay {
     started: i64,
     socketmap: Option<crate::socketmap::Server>,
     reports: Option<Arc<ReportService>>,
+    store: Backend,
 }
 
 fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> RelayError + '_ {
@@ -125,9 +126,14 @@ fn unavailable<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> RelayError
 }
 
 impl Relay {
-    /// Open the spool and the policy store under `storage.data_dir` and build every
-    /// part from `cfg`. Nothing listens yet.
-    pub async fn new(cfg: Config, recorder: Arc<dyn SessionRecorder>) -> Result<Relay, RelayError> {
+    /// Open the spool under `storage.data_dir` and build every part from `cfg`, with
+    /// `store` (opened from `cfg` by [`Backend::open`]) for policies and TLS-RPT.
+    /// Nothing listens yet.
+    pub async fn new(
+        cfg: Config,
+        store: Backend,
+        recorder: Arc<dyn SessionRecorder>,
+    ) -> Result<Relay, RelayError> {
         let data_dir = cfg.storage.data_dir.clone();
         let spool = tokio::task::spawn_blocking(move || Spool::open(&data_dir))
             .await
@@ -138,15 +144,12 @@ impl Relay {
             TrustStore::from_config(&cfg).map_err(setup("trust store (tls.extra_roots)"))?;
         let fetcher = HttpsFetcher::new(resolver.clone(), &trust, FetchOptions::from_config(&cfg))
             .map_err(setup("policy fetcher"))?;
-        let store = SqliteStore::open(&cfg.storage.data_dir)
-            .map_err(unavailable("policy store (storage.data_dir)"))?;
-        let store = Arc::new(store);
-        let engine = Engine::builder(Arc::new(resolver.clone()), Arc::new(fetcher), store.clone())
+        let engine = Engine::builder(Arc::new(resolver.clone()), Arc::new(fetcher), store.policies())
             .options(EngineOptions::from_config(&cfg))
             .build();
         let reports = if cfg.tlsrpt.enabled {
             Some(
-                ReportService::new(&cfg, store, resolver.clone(), &trust, spool.clone())
+                ReportService::new(&cfg, store.reports(), resolver.clone(), &trust, spool.clone())
                     .map_err(setup("TLS-RPT reports"))?,
             )
         } else {
@@ -185,6 +188,7 @@ impl Relay {
             started: crate::clock::Clock::now(&crate::clock::SystemClock),
             socketmap,
             reports,
+            store,
         })
     }
 
@@ -212,6 +216,7 @@ impl Relay {
             ready: self.ready.clone(),
             started: self.started,
             reports: self.reports.clone(),
+            store: self.store.clone(),
         })
     }
 
@@ -305,6 +310,10 @@ impl Relay {
             .reports
             .clone()
             .map(|r| AbortOnDrop(tokio::spawn(r.run())));
+        let _fleet = self
+            .store
+            .fleet()
+            .map(|f| AbortOnDrop(tokio::spawn(f.clone().maintain())));
         let sink = Arc::new(SpoolSink {
             spool: self.spool.clone(),
             scheduler: self.scheduler.clone(),
@@ -514,6 +523,7 @@ struct RelayStatus {
     ready: Arc<Readiness>,
     started: i64,
     reports: Option<Arc<ReportService>>,
+    store: Backend,
 }
 
 impl RelayStatus {
@@ -618,6 +628,10 @@ impl AdminSource for RelayStatus {
             recent: self.scheduler.deliverer().activity().last_24h(now),
             policies,
             policies_total,
+            store: crate::ops::status::StoreRow {
+                backend: self.store.name(),
+                redis: self.store.fleet().map(|f| f.health()),
+            },
         }
     }
 }
@@ -725,10 +739,10 @@ impl MessageSink for SpoolSink {
 /// `storage.data_dir` for TLS-RPT; the admin endpoint (`[admin]`) serves `metrics`
 /// (when given), health, readiness and the status page; systemd is notified.
 pub async fn run(cfg: Config, metrics: Option<MetricsRender>) -> Result<(), RelayError> {
-    let store = SqliteStore::open(&cfg.storage.data_dir)
-        .map_err(unavailable("session store (storage.data_dir)"))?;
-    let recorder = Arc::new(StoreRecorder::spawn(Arc::new(store)));
-    let relay = Relay::new(cfg.clone(), recorder.clone()).await?;
+    let store = Backend::open(&cfg).map_err(unavailable("store ([storage])"))?;
+    store.connect().await;
+    let recorder = Arc::new(StoreRecorder::spawn(store.reports()));
+    let relay = Relay::new(cfg.clone(), store, recorder.clone()).await?;
     let _socketmap = relay.start_socketmap().await?;
     let listener = bind_smtp(&cfg).await?;
     let _admin = if cfg.admin.enabled {

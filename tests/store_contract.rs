@@ -1,9 +1,11 @@
-//! One behaviour suite, two stores: every test below runs against the embedded
-//! [`SqliteStore`] (in a temporary directory) and the shared [`RedisStore`] (against a
-//! real `redis-server` on a loopback port, see `common/redis.rs`).
+//! One behaviour suite, two backends: every test below runs against the embedded
+//! [`SqliteStore`] (in a temporary directory), the shared [`RedisStore`] (against a
+//! real `redis-server` on a loopback port, see `common/redis.rs`), and the
+//! [`FleetStore`] the relay uses with `storage.backend = "redis"` (that Redis, with a
+//! local SQLite per node).
 //!
 //! Each test gets two handles on the same data: two opens of one SQLite file, or two
-//! Redis connections with one prefix — two relay nodes.
+//! Redis connections with one prefix, or two fleet nodes — two relay nodes.
 
 mod common;
 #[path = "common/redis.rs"]
@@ -11,7 +13,8 @@ mod redis_server;
 
 use redis_server::RedisServer;
 use std::collections::BTreeSet;
-use stsrelay::store::{PolicyStore, RedisStore, ReportStore, SqliteStore};
+use std::sync::Arc;
+use stsrelay::store::{FleetStore, PolicyStore, RedisStore, RedisTarget, ReportStore, SqliteStore};
 use stsrelay::sts::{CachedPolicy, Policy};
 use stsrelay::tlsrpt::{
     CounterKey, Day, FailureDetail, LedgerEntry, LedgerState, PolicyKey, PolicyType, ResultType,
@@ -585,6 +588,34 @@ async fn redis_pair() -> (RedisStore, RedisStore, RedisServer) {
     (a, b, server)
 }
 
+/// A fleet node: Redis at `url`, its own SQLite in `dir`.
+fn fleet_node(url: &str, dir: &std::path::Path) -> Arc<FleetStore> {
+    let target = RedisTarget {
+        url: url.into(),
+        prefix: "stsrelay:".into(),
+        ca_pem: None,
+        timeout: std::time::Duration::from_secs(5),
+        retry: std::time::Duration::from_secs(1),
+    };
+    Arc::new(FleetStore::new(target, SqliteStore::open(dir).unwrap()))
+}
+
+async fn fleet_pair() -> (
+    Arc<FleetStore>,
+    Arc<FleetStore>,
+    RedisServer,
+    tempfile::TempDir,
+    tempfile::TempDir,
+) {
+    let server = RedisServer::start();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = fleet_node(&server.url(), da.path());
+    let b = fleet_node(&server.url(), db.path());
+    a.connect().await.unwrap();
+    b.connect().await.unwrap();
+    (a, b, server, da, db)
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -604,6 +635,18 @@ macro_rules! contract {
                         return;
                     }
                     let (a, b, _server) = super::redis_pair().await;
+                    super::$name(a, b).await;
+                }
+            )*
+        }
+        mod fleet {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if super::redis_server::skip() {
+                        return;
+                    }
+                    let (a, b, _server, _da, _db) = super::fleet_pair().await;
                     super::$name(a, b).await;
                 }
             )*

@@ -58,6 +58,14 @@ pub mod names {
     /// TLS-RPT report deliveries, by `transport` (`mailto`, `https`) and `outcome`
     /// (`sent`, `retry`, `dropped`).
     pub const TLSRPT_REPORTS: &str = "stsrelay_tlsrpt_reports_total";
+    /// Gauge: with `storage.backend = "redis"`, 1 while Redis answers, 0 while the
+    /// node works from its local fallback.
+    pub const STORE_REDIS_UP: &str = "stsrelay_store_redis_up";
+    /// Counter: store operations answered by the local fallback because Redis did not
+    /// answer, label `op`.
+    pub const STORE_FALLBACKS: &str = "stsrelay_store_fallbacks_total";
+    /// Gauge: batches of TLS-RPT counters kept locally until Redis takes them.
+    pub const STORE_SPILLED: &str = "stsrelay_store_spilled_batches";
     /// Histogram: seconds from receipt to delivery, per delivered recipient, label
     /// `mode` (buckets: [`DELAY_BUCKETS`](super::DELAY_BUCKETS)).
     pub const DELIVERY_DELAY: &str = "stsrelay_delivery_delay_seconds";
@@ -140,6 +148,18 @@ pub fn describe() {
     describe_counter!(
         names::TLSRPT_REPORTS,
         "TLS-RPT report delivery attempts by transport and outcome"
+    );
+    describe_gauge!(
+        names::STORE_REDIS_UP,
+        "1 while Redis (storage.backend = redis) answers, 0 while the local fallback is used"
+    );
+    describe_counter!(
+        names::STORE_FALLBACKS,
+        "Store operations answered by the local fallback because Redis did not answer"
+    );
+    describe_gauge!(
+        names::STORE_SPILLED,
+        "Batches of TLS-RPT counters kept locally until Redis takes them"
     );
     describe_histogram!(
         names::DELIVERY_DELAY,
@@ -243,6 +263,21 @@ pub fn smtp_reply(code: u16) {
 pub fn tlsrpt_report(transport: &'static str, outcome: &'static str) {
     metrics::counter!(names::TLSRPT_REPORTS, "transport" => transport, "outcome" => outcome)
         .increment(1);
+}
+
+/// Redis answered (`true`) or failed (`false`).
+pub fn store_redis_up(up: bool) {
+    metrics::gauge!(names::STORE_REDIS_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+/// A store operation `op` was answered by the local fallback.
+pub fn store_fallback(op: &'static str) {
+    metrics::counter!(names::STORE_FALLBACKS, "op" => op).increment(1);
+}
+
+/// `n` batches of TLS-RPT counters wait locally for Redis.
+pub fn store_spilled(n: u64) {
+    metrics::gauge!(names::STORE_SPILLED).set(n as f64);
 }
 
 /// A configuration reload finished.

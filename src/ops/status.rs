@@ -51,6 +51,18 @@ pub struct Status {
     /// The latest TLS-RPT report of each domain, one row per destination; `None` when
     /// reports are off, `Err` when the ledger could not be read.
     pub reports: Option<Result<Vec<ReportRow>, String>>,
+    /// The store: `sqlite`, or Redis with its health.
+    pub store: StoreRow,
+}
+
+/// The store, as the status page shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StoreRow {
+    /// `sqlite` or `redis`.
+    pub backend: &'static str,
+    /// With Redis: its URL (no password), whether it answers, the last failure and
+    /// the counter batches kept locally.
+    pub redis: Option<crate::store::FleetHealth>,
 }
 
 /// One report to one destination, as the status page shows it.
@@ -86,6 +98,7 @@ impl Default for Status {
             policies: Vec::new(),
             policies_total: None,
             reports: None,
+            store: StoreRow::default(),
         }
     }
 }
@@ -209,6 +222,7 @@ pub fn render(s: &Status) -> String {
     sessions_section(&mut h, s);
     policies_section(&mut h, s);
     reports_section(&mut h, s);
+    store_section(&mut h, s);
     h.push_str("</main></body></html>\n");
     h
 }
@@ -317,6 +331,42 @@ fn sessions_section(h: &mut String, s: &Status) {
         "</table><p class=muted>one row per MX session: <i>success</i> or the RFC 8460 \
          result type of its failure</p></section>",
     );
+}
+
+fn store_section(h: &mut String, s: &Status) {
+    h.push_str("<section><h2>Store</h2>");
+    match &s.store.redis {
+        None => {
+            let _ = write!(
+                h,
+                "<p>{} (this node only)</p>",
+                escape(s.store.backend)
+            );
+        }
+        Some(r) => {
+            let _ = write!(
+                h,
+                "<p>Redis {url}: <span class={cls}>{state}</span></p>",
+                url = escape(&r.url),
+                cls = if r.up { "good" } else { "fail" },
+                state = if r.up {
+                    "answering"
+                } else {
+                    "unavailable: policies from the local copy, reports wait"
+                },
+            );
+            if let Some(e) = &r.last_error {
+                let _ = write!(h, "<p class=muted>last failure: {}</p>", escape(e));
+            }
+            let _ = write!(
+                h,
+                "<p class=\"{}\">TLS-RPT counter batches kept locally: {}</p>",
+                if r.spilled_batches > 0 { "fail" } else { "muted" },
+                r.spilled_batches
+            );
+        }
+    }
+    h.push_str("</section>");
 }
 
 fn policies_section(h: &mut String, s: &Status) {
@@ -446,6 +496,15 @@ mod tests {
                 attempts: 1,
                 last_result: "queued as 1A2B".into(),
             }])),
+            store: StoreRow {
+                backend: "redis",
+                redis: Some(crate::store::FleetHealth {
+                    url: "redis://:***@db:6379".into(),
+                    up: false,
+                    last_error: Some("refused <x>".into()),
+                    spilled_batches: 4,
+                }),
+            },
         };
         let h = render(&s);
         assert!(h.contains("mailto:tlsrpt@example.com"), "{h}");
@@ -457,6 +516,10 @@ mod tests {
         assert!(h.contains("oldest pending message: 16m 40s old"));
         assert!(h.contains("1d 0h"));
         assert!(h.contains("*.example.com"));
+        assert!(h.contains("Redis redis://:***@db:6379"), "{h}");
+        assert!(h.contains("unavailable: policies from the local copy"));
+        assert!(h.contains("refused &lt;x&gt;"));
+        assert!(h.contains("kept locally: 4"));
     }
 
     #[test]

@@ -75,7 +75,10 @@ impl SocketmapError {
 /// restart) and says so in the log.
 pub async fn run(cfg: &crate::Config) -> Result<(), SocketmapError> {
     use crate::ops::signals::{Control, listen};
-    let server = Server::from_config(cfg)?;
+    let store = crate::store::Backend::open(cfg)
+        .map_err(|e| SocketmapError::Unavailable(format!("policy store ([storage]): {e}")))?;
+    store.connect().await;
+    let server = Server::with_store(cfg, store.policies())?;
     let listeners = server.bind().await?;
     let mut controls =
         listen().map_err(|e| SocketmapError::Unavailable(format!("signal handlers: {e}")))?;

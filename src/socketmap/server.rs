@@ -152,9 +152,20 @@ impl Server {
         }
     }
 
-    /// The engine (cache in memory, SQLite store in `storage.data_dir`) and resolver
-    /// the relay would build from `cfg`, and `cfg.socketmap` (or its defaults).
+    /// The engine (cache in memory, the store `[storage]` names) and resolver the
+    /// relay would build from `cfg`, and `cfg.socketmap` (or its defaults).
     pub fn from_config(cfg: &crate::Config) -> Result<Server, SocketmapError> {
+        let store = crate::store::Backend::open(cfg).map_err(|e| {
+            SocketmapError::Unavailable(format!("policy store ([storage]): {e}"))
+        })?;
+        Self::with_store(cfg, store.policies())
+    }
+
+    /// Like [`Server::from_config`], with the policy store given.
+    pub fn with_store(
+        cfg: &crate::Config,
+        store: Arc<dyn crate::store::PolicyStore>,
+    ) -> Result<Server, SocketmapError> {
         let setup =
             |what: &str, e: &dyn std::fmt::Display| SocketmapError::Setup(format!("{what}: {e}"));
         let resolver =
@@ -167,12 +178,10 @@ impl Server {
             crate::sts::FetchOptions::from_config(cfg),
         )
         .map_err(|e| setup("policy fetcher", &e))?;
-        let store = crate::store::SqliteStore::open(&cfg.storage.data_dir)
-            .map_err(|e| setup("policy store (storage.data_dir)", &e))?;
         let engine = Engine::builder(
             Arc::new(resolver.clone()),
             Arc::new(fetcher),
-            Arc::new(store),
+            store,
         )
         .options(crate::sts::EngineOptions::from_config(cfg))
         .build();

@@ -1,16 +1,25 @@
 //! Persistence behind traits, so the embedded SQLite store and a shared store for
 //! several nodes can be swapped: MTA-STS policies ([`PolicyStore`]: SQLite, Redis, or
 //! memory for library users) and TLS-RPT counters and the report ledger
-//! ([`ReportStore`]: SQLite or Redis). The relay uses SQLite so far; wiring Redis in
-//! (`storage.backend`) is issue 6.
+//! ([`ReportStore`]: SQLite or Redis); [`Store`] is both.
+//!
+//! The relay opens what `[storage]` names with [`Backend::open`]: SQLite in
+//! `storage.data_dir`, or, with `backend = "redis"`, a [`FleetStore`]: Redis shared
+//! by every node, with the node's SQLite as the fallback when Redis is down.
 
+mod fleet;
 mod memory;
 mod redis;
 mod sqlite;
 
+pub use fleet::{FleetHealth, FleetStore, RedisTarget, redact};
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
 pub use sqlite::SqliteStore;
+
+use crate::config::StorageBackend;
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::sts::CachedPolicy;
 use crate::tlsrpt::{CounterKey, Day, LedgerEntry};
@@ -75,4 +84,165 @@ pub trait ReportStore: Send + Sync {
     async fn mark_day_done(&self, day: Day, at: i64) -> Result<(), StoreError>;
     /// Forget counters and ledger rows of days before `day`.
     async fn prune_before(&self, day: Day) -> Result<(), StoreError>;
+}
+
+#[async_trait::async_trait]
+impl<T: PolicyStore + ?Sized> PolicyStore for Arc<T> {
+    async fn get_policy(&self, domain: &str) -> Result<Option<CachedPolicy>, StoreError> {
+        (**self).get_policy(domain).await
+    }
+    async fn put_policy(&self, policy: &CachedPolicy) -> Result<(), StoreError> {
+        (**self).put_policy(policy).await
+    }
+    async fn delete_policy(&self, domain: &str) -> Result<(), StoreError> {
+        (**self).delete_policy(domain).await
+    }
+    async fn all_policies(&self) -> Result<Vec<CachedPolicy>, StoreError> {
+        (**self).all_policies().await
+    }
+}
+
+#[async_trait::async_trait]
+impl<T: ReportStore + ?Sized> ReportStore for Arc<T> {
+    async fn add_counts(&self, counts: Vec<(CounterKey, u64)>) -> Result<(), StoreError> {
+        (**self).add_counts(counts).await
+    }
+    async fn counts(
+        &self,
+        day: Option<Day>,
+        domain: Option<String>,
+    ) -> Result<Vec<(CounterKey, u64)>, StoreError> {
+        (**self).counts(day, domain).await
+    }
+    async fn ledger_insert(&self, rows: Vec<LedgerEntry>) -> Result<usize, StoreError> {
+        (**self).ledger_insert(rows).await
+    }
+    async fn ledger_claim_due(
+        &self,
+        now: i64,
+        lease_secs: i64,
+    ) -> Result<Option<LedgerEntry>, StoreError> {
+        (**self).ledger_claim_due(now, lease_secs).await
+    }
+    async fn ledger_update(&self, row: &LedgerEntry) -> Result<bool, StoreError> {
+        (**self).ledger_update(row).await
+    }
+    async fn ledger_list(&self, day: Option<Day>) -> Result<Vec<LedgerEntry>, StoreError> {
+        (**self).ledger_list(day).await
+    }
+    async fn day_done(&self, day: Day) -> Result<bool, StoreError> {
+        (**self).day_done(day).await
+    }
+    async fn mark_day_done(&self, day: Day, at: i64) -> Result<(), StoreError> {
+        (**self).mark_day_done(day, at).await
+    }
+    async fn prune_before(&self, day: Day) -> Result<(), StoreError> {
+        (**self).prune_before(day).await
+    }
+}
+
+/// A store of policies and of TLS-RPT state: what the relay needs.
+pub trait Store: PolicyStore + ReportStore {}
+
+impl<T: PolicyStore + ReportStore + ?Sized> Store for T {}
+
+/// The store `[storage]` names, opened.
+///
+/// ```
+/// # tokio_test_block_on(async {
+/// let dir = tempfile_dir();
+/// let mut cfg = stsrelay::Config::default();
+/// cfg.storage.data_dir = dir.clone();
+/// let backend = stsrelay::store::Backend::open(&cfg).unwrap();
+/// assert!(backend.fleet().is_none()); // SQLite: one node
+/// assert!(backend.policies().get_policy("example.com").await.unwrap().is_none());
+/// # std::fs::remove_dir_all(dir).unwrap();
+/// # });
+/// # fn tempfile_dir() -> std::path::PathBuf {
+/// #     let d = std::env::temp_dir().join(format!("stsrelay-doc-{}", std::process::id()));
+/// #     std::fs::create_dir_all(&d).unwrap();
+/// #     d
+/// # }
+/// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// SQLite in `storage.data_dir`.
+    Sqlite(Arc<SqliteStore>),
+    /// Redis at `storage.redis_url`, SQLite as the fallback.
+    Redis(Arc<FleetStore>),
+}
+
+impl Backend {
+    /// Open the store of `cfg.storage`. Redis is not contacted yet
+    /// ([`Backend::connect`]); the local SQLite file is opened (and created).
+    pub fn open(cfg: &crate::Config) -> Result<Backend, StoreError> {
+        let st = &cfg.storage;
+        let local = SqliteStore::open(&st.data_dir)?;
+        match st.backend {
+            StorageBackend::Sqlite => Ok(Backend::Sqlite(Arc::new(local))),
+            StorageBackend::Redis => {
+                let ca_pem = match &st.redis_ca_file {
+                    Some(path) => Some(std::fs::read(path).map_err(|e| StoreError {
+                        op: "read storage.redis_ca_file",
+                        reason: format!("{}: {e}", path.display()),
+                    })?),
+                    None => None,
+                };
+                let target = RedisTarget {
+                    url: st.redis_url.clone().unwrap_or_default(),
+                    prefix: st.redis_prefix.clone(),
+                    ca_pem,
+                    timeout: Duration::from_millis(st.redis_timeout_ms),
+                    retry: Duration::from_secs(st.redis_retry_secs),
+                };
+                Ok(Backend::Redis(Arc::new(FleetStore::new(target, local))))
+            }
+        }
+    }
+
+    /// With Redis, connect now (bounded); on failure log it and go on from the
+    /// fallback (a connection is retried in the background). Nothing to do for SQLite.
+    pub async fn connect(&self) {
+        if let Backend::Redis(f) = self {
+            match f.connect().await {
+                Ok(()) => tracing::info!(url = %f.health().url, "connected to Redis (storage.backend = redis)"),
+                Err(e) => tracing::warn!(error = %e, "Redis unreachable at start; running from the local fallback until it answers"),
+            }
+        }
+    }
+
+    /// The policy store.
+    pub fn policies(&self) -> Arc<dyn PolicyStore> {
+        match self {
+            Backend::Sqlite(s) => s.clone(),
+            Backend::Redis(f) => f.clone(),
+        }
+    }
+
+    /// The TLS-RPT store.
+    pub fn reports(&self) -> Arc<dyn ReportStore> {
+        match self {
+            Backend::Sqlite(s) => s.clone(),
+            Backend::Redis(f) => f.clone(),
+        }
+    }
+
+    /// The fleet store, with `backend = "redis"`.
+    pub fn fleet(&self) -> Option<&Arc<FleetStore>> {
+        match self {
+            Backend::Sqlite(_) => None,
+            Backend::Redis(f) => Some(f),
+        }
+    }
+
+    /// `sqlite` or `redis`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Redis(_) => "redis",
+        }
+    }
 }

@@ -13,6 +13,7 @@
 //! | `tlsrpt:ledger:row:{id}` | hash | one ledger row; id is JSON `[day, domain, rua]` |
 //! | `tlsrpt:ledger:report:{day}:{domain}` | hash | the one report of (domain, day) |
 //! | `tlsrpt:ledger:due` | zset | pending row ids by `next_try` |
+//! | `tlsrpt:count:applied` | hash | writer → last batch applied ([`RedisStore::add_counts_once`]) |
 //! | `tlsrpt:done` | hash | day → when its reports were made |
 //!
 //! Counter increments are one MULTI/EXEC per batch; the ledger's insert, claim, update
@@ -366,6 +367,87 @@ for _, day in ipairs(redis.call('HKEYS', done)) do
 end
 return 1
 "#;
+
+/// ARGV: prefix, ttl, writer, seq, then per counter 5 values: day, day number,
+/// policy domain, field, n. Applies the batch unless the writer's high-water mark
+/// (`tlsrpt:count:applied`, writer → last seq applied) already covers `seq`, so a batch
+/// that is sent again after an unanswered attempt counts once. Returns 1 if applied.
+const ADD_ONCE_LUA: &str = r#"
+local p = ARGV[1]
+local ttl = ARGV[2]
+local hwm = p .. 'tlsrpt:count:applied'
+local last = tonumber(redis.call('HGET', hwm, ARGV[3]) or '-1')
+if tonumber(ARGV[4]) <= last then
+  return 0
+end
+redis.call('HSET', hwm, ARGV[3], ARGV[4])
+redis.call('EXPIRE', hwm, ttl)
+local i = 5
+while i + 4 <= #ARGV do
+  local day, daynum, domain, field, n = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
+  i = i + 5
+  local h = p .. 'tlsrpt:count:' .. day .. ':' .. domain
+  local s = p .. 'tlsrpt:count:' .. day
+  redis.call('HINCRBY', h, field, n)
+  redis.call('EXPIRE', h, ttl)
+  redis.call('SADD', s, domain)
+  redis.call('EXPIRE', s, ttl)
+  redis.call('ZADD', p .. 'tlsrpt:count:days', daynum, day)
+end
+return 1
+"#;
+
+impl RedisStore {
+    /// Add counters exactly once per (`writer`, `seq`): like
+    /// [`ReportStore::add_counts`], but a batch whose `seq` is not above the last one
+    /// applied for `writer` is skipped (`Ok(false)`). A writer must send its batches
+    /// in increasing `seq` order; then one that is sent again, because the answer to an
+    /// earlier attempt was lost, is not counted twice.
+    pub async fn add_counts_once(
+        &self,
+        writer: &str,
+        seq: u64,
+        counts: &[(CounterKey, u64)],
+    ) -> Result<bool, StoreError> {
+        let script = redis::Script::new(ADD_ONCE_LUA);
+        let mut inv = script.prepare_invoke();
+        inv.arg(&self.prefix)
+            .arg(self.counter_ttl_secs)
+            .arg(writer)
+            .arg(seq);
+        for (k, n) in counts {
+            let field = serde_json::to_string(&(k.policy_json(), k.failure_json())).map_err(
+                |e| StoreError {
+                    op: "add counts",
+                    reason: e.to_string(),
+                },
+            )?;
+            let n = i64::try_from(*n).map_err(|_| StoreError {
+                op: "add counts",
+                reason: format!("count {n} out of range"),
+            })?;
+            inv.arg(k.day.to_string())
+                .arg(day_num(k.day))
+                .arg(&k.policy_domain)
+                .arg(field)
+                .arg(n);
+        }
+        let applied: i64 = inv
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(err("add counts"))?;
+        Ok(applied == 1)
+    }
+
+    /// Answer PING (a health check).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        redis::cmd("PING")
+            .query_async::<String>(&mut self.conn())
+            .await
+            .map(|_| ())
+            .map_err(err("ping"))
+    }
+}
 
 #[async_trait::async_trait]
 impl PolicyStore for RedisStore {

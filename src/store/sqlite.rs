@@ -86,7 +86,17 @@ impl SqliteStore {
              CREATE TABLE IF NOT EXISTS tlsrpt_day (
                  day TEXT PRIMARY KEY,
                  done_at INTEGER NOT NULL
-             );",
+             );
+             CREATE TABLE IF NOT EXISTS tlsrpt_spill (
+                 writer TEXT NOT NULL,
+                 seq INTEGER NOT NULL,
+                 day TEXT NOT NULL,
+                 policy_domain TEXT NOT NULL,
+                 policy TEXT NOT NULL,
+                 failure TEXT NOT NULL,
+                 count INTEGER NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS tlsrpt_spill_batch ON tlsrpt_spill (writer, seq);",
         )
         .map_err(err("create schema"))?;
         Ok(SqliteStore {
@@ -118,6 +128,122 @@ impl SqliteStore {
             op,
             reason: e.to_string(),
         })?
+    }
+}
+
+/// A batch of counters kept locally while the shared store is unreachable
+/// ([`super::FleetStore`]): its writer, sequence number and counts.
+pub(crate) type SpilledBatch = (String, u64, Vec<(CounterKey, u64)>);
+
+impl SqliteStore {
+    /// Keep a batch of counters until it can be written to the shared store.
+    pub(crate) async fn spill(
+        &self,
+        writer: String,
+        seq: u64,
+        counts: Vec<(CounterKey, u64)>,
+    ) -> Result<(), StoreError> {
+        self.with("spill counts", move |c| {
+            let tx = c.unchecked_transaction().map_err(err("spill counts"))?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO tlsrpt_spill
+                         (writer, seq, day, policy_domain, policy, failure, count)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    )
+                    .map_err(err("spill counts"))?;
+                for (k, n) in &counts {
+                    stmt.execute(params![
+                        writer,
+                        seq as i64,
+                        k.day.to_string(),
+                        k.policy_domain,
+                        k.policy_json(),
+                        k.failure_json(),
+                        *n as i64
+                    ])
+                    .map_err(err("spill counts"))?;
+                }
+            }
+            tx.commit().map_err(err("spill counts"))
+        })
+        .await
+    }
+
+    /// The batch spilled first, if any.
+    pub(crate) async fn first_spilled(&self) -> Result<Option<SpilledBatch>, StoreError> {
+        self.with("read spilled counts", |c| {
+            let first: Option<(String, i64)> = c
+                .query_row(
+                    "SELECT writer, seq FROM tlsrpt_spill ORDER BY rowid LIMIT 1",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(err("read spilled counts"))?;
+            let Some((writer, seq)) = first else {
+                return Ok(None);
+            };
+            let mut stmt = c
+                .prepare(
+                    "SELECT day, policy_domain, policy, failure, count FROM tlsrpt_spill
+                     WHERE writer = ?1 AND seq = ?2 ORDER BY rowid",
+                )
+                .map_err(err("read spilled counts"))?;
+            let rows = stmt
+                .query_map(params![writer, seq], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, i64>(4)?,
+                    ))
+                })
+                .map_err(err("read spilled counts"))?;
+            let mut counts = Vec::new();
+            for row in rows {
+                let (day, domain, policy, failure, n) = row.map_err(err("read spilled counts"))?;
+                let key = day
+                    .parse::<Day>()
+                    .ok()
+                    .and_then(|d| CounterKey::from_stored(d, domain, &policy, &failure));
+                match key {
+                    Some(k) => counts.push((k, n.max(0) as u64)),
+                    None => tracing::error!(%day, "unreadable spilled TLS-RPT counter skipped"),
+                }
+            }
+            Ok(Some((writer, seq.max(0) as u64, counts)))
+        })
+        .await
+    }
+
+    /// Forget a spilled batch (it is in the shared store now).
+    pub(crate) async fn unspill(&self, writer: String, seq: u64) -> Result<(), StoreError> {
+        self.with("drop spilled counts", move |c| {
+            c.execute(
+                "DELETE FROM tlsrpt_spill WHERE writer = ?1 AND seq = ?2",
+                params![writer, seq as i64],
+            )
+            .map(|_| ())
+            .map_err(err("drop spilled counts"))
+        })
+        .await
+    }
+
+    /// How many batches are spilled.
+    pub(crate) async fn spilled_batches(&self) -> Result<u64, StoreError> {
+        self.with("count spilled counts", |c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM (SELECT DISTINCT writer, seq FROM tlsrpt_spill)",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n.max(0) as u64)
+            .map_err(err("count spilled counts"))
+        })
+        .await
     }
 }
 

@@ -344,7 +344,8 @@ impl Engine {
     }
 
     /// The engine the relay uses: resolver from `[dns]`, HTTPS fetcher trusting
-    /// webpki-roots + `tls.extra_roots`, SQLite store in `storage.data_dir`.
+    /// webpki-roots + `tls.extra_roots`, the store `[storage]` names (SQLite in
+    /// `storage.data_dir`, or Redis with the local fallback, connected on first use).
     pub fn from_config(cfg: &crate::Config) -> Result<Engine, EngineSetupError> {
         let resolver = Resolver::from_config(cfg)?;
         let trust = crate::tls::TrustStore::from_config(cfg)?;
@@ -353,9 +354,9 @@ impl Engine {
             &trust,
             super::fetch::FetchOptions::from_config(cfg),
         )?;
-        let store = crate::store::SqliteStore::open(&cfg.storage.data_dir)?;
+        let store = crate::store::Backend::open(cfg)?.policies();
         Ok(
-            Engine::builder(Arc::new(resolver), Arc::new(fetcher), Arc::new(store))
+            Engine::builder(Arc::new(resolver), Arc::new(fetcher), store)
                 .options(EngineOptions::from_config(cfg))
                 .build(),
         )

@@ -23,9 +23,6 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long a claimed ledger row is reserved for the claiming process, at least (and
-/// at least twice the HTTPS time limit plus a minute).
-const LEASE_SECS: i64 = 120;
 /// Ledger rows delivered per pass.
 const BATCH: usize = 64;
 /// Never make a day's reports sooner than this after midnight UTC, so the last
@@ -320,7 +317,7 @@ impl ReportService {
     /// sends a row meanwhile, and a claim cannot run out while it waits its turn).
     /// Returns the rows as they ended this pass.
     pub async fn deliver_due(&self) -> Result<Vec<LedgerEntry>, ReportError> {
-        let lease = LEASE_SECS.max(2 * self.cfg.https_timeout_secs as i64 + 60);
+        let lease = (self.cfg.claim_lease_secs as i64).max(2 * self.cfg.https_timeout_secs as i64 + 5);
         let mut done = Vec::new();
         for _ in 0..BATCH {
             let now = self.clock.now();
