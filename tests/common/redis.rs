@@ -7,6 +7,8 @@
 //! package): then they run and fail with a message saying what is missing. A server
 //! that is installed but cannot start always fails the test.
 
+#![allow(dead_code)]
+
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -117,8 +119,38 @@ impl RedisServer {
     /// of a server without persistence; plain port only); waits (bounded) until it
     /// answers PING.
     pub fn restart(&mut self) {
+        self.stop();
+        self.start_again();
+    }
+
+    /// Kill the server (its port refuses connections until [`RedisServer::start_again`]).
+    pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Freeze the server (SIGSTOP): connections are accepted by the kernel but nothing
+    /// is answered, like a hung or unreachable server, until [`RedisServer::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Undo [`RedisServer::pause`] (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(sig)
+            .arg(self.child.id().to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} redis-server");
+    }
+
+    /// After [`RedisServer::stop`]: a new, empty server on the same port.
+    pub fn start_again(&mut self) {
         let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         let port = self.addr.port().to_string();
         for _ in 0..20 {
@@ -180,6 +212,12 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        // A paused server must be woken to die cleanly.
+        let _ = Command::new("kill")
+            .arg("-CONT")
+            .arg(self.child.id().to_string())
+            .stderr(Stdio::null())
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
