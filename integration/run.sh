@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Integration suite with real peers, run by .ci/run as root:
 #   Knot DNS (authoritative for "test."), nginx (HTTPS policy hosts), Postfix and
-#   aiosmtpd (MX hosts with and without STARTTLS), each on its own 127.0.0.x address
+#   aiosmtpd (MX hosts with and without STARTTLS), redis-server (a fleet of two
+#   relays), each on its own 127.0.0.x address
 #   inside a network namespace made for the run; the real stsrelay binary checks them.
 # KEEP=1 keeps the work directory for inspection.
 set -euo pipefail
@@ -17,6 +18,8 @@ command -v postfix >/dev/null || need+=(postfix)
 /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 command -v ip >/dev/null || need+=(iproute2)
 command -v openssl >/dev/null || need+=(openssl)
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v curl >/dev/null || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
   echo "integration: installing ${need[*]}"
   echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
@@ -422,6 +425,9 @@ source "$HERE/ops.sh"
 source "$HERE/tlsrpt.sh"
 
 source "$HERE/socketmap.sh"
+
+# --- a fleet: two nodes sharing Redis (storage.backend = "redis") ---------------------
+source "$HERE/fleet.sh"
 
 echo "integration: $passed passed, $failed failed"
 [ "$failed" = 0 ]

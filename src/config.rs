@@ -744,6 +744,36 @@ mod tests {
     }
 
     #[test]
+    fn redis_backend_needs_a_redis_url() {
+        let err = |t: &str| Config::from_toml(t).unwrap_err().to_string();
+        let e = err("[storage]\nbackend = \"redis\"\n");
+        assert!(
+            e.contains("storage.redis_url") && e.contains("required"),
+            "{e}"
+        );
+        let e = err("[storage]\nbackend = \"redis\"\nredis_url = \"http://x\"\n");
+        assert!(e.contains("redis:// or rediss://"), "{e}");
+        let e = err(
+            "[storage]\nbackend = \"redis\"\nredis_url = \"redis://x\"\nredis_ca_file = \"/ca.pem\"\n",
+        );
+        assert!(e.contains("storage.redis_ca_file"), "{e}");
+        let e = err("[storage]\nbackend = \"mysql\"\n");
+        assert!(
+            e.contains("storage.backend") || e.contains("backend"),
+            "{e}"
+        );
+        let e = err("[storage]\nredis_timeout_ms = 0\n");
+        assert!(e.contains("storage.redis_timeout_ms"), "{e}");
+        let c = Config::from_toml(
+            "[storage]\nbackend = \"redis\"\nredis_url = \"rediss://:pw@db:6380/1\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.storage.backend, StorageBackend::Redis);
+        let e = err("[tlsrpt]\nclaim_lease_secs = 1\n");
+        assert!(e.contains("tlsrpt.claim_lease_secs"), "{e}");
+    }
+
+    #[test]
     fn tlsrpt_needs_an_identity_when_enabled() {
         let e = Config::from_toml("[tlsrpt]\nenabled = true\n")
             .unwrap_err()

@@ -296,8 +296,7 @@ async fn report(cfg: &Config, action: ReportAction) -> ExitCode {
 }
 
 async fn report_service(cfg: &Config) -> Result<stsrelay::tlsrpt::ReportService, (u8, String)> {
-    let store =
-        stsrelay::store::Backend::open(cfg).map_err(|e| (EX_TEMPFAIL, e.to_string()))?;
+    let store = stsrelay::store::Backend::open(cfg).map_err(|e| (EX_TEMPFAIL, e.to_string()))?;
     store.connect().await;
     let spool = stsrelay::queue::spool::Spool::open(&cfg.storage.data_dir)
         .map_err(|e| (EX_TEMPFAIL, e.to_string()))?;

@@ -144,13 +144,23 @@ impl Relay {
             TrustStore::from_config(&cfg).map_err(setup("trust store (tls.extra_roots)"))?;
         let fetcher = HttpsFetcher::new(resolver.clone(), &trust, FetchOptions::from_config(&cfg))
             .map_err(setup("policy fetcher"))?;
-        let engine = Engine::builder(Arc::new(resolver.clone()), Arc::new(fetcher), store.policies())
-            .options(EngineOptions::from_config(&cfg))
-            .build();
+        let engine = Engine::builder(
+            Arc::new(resolver.clone()),
+            Arc::new(fetcher),
+            store.policies(),
+        )
+        .options(EngineOptions::from_config(&cfg))
+        .build();
         let reports = if cfg.tlsrpt.enabled {
             Some(
-                ReportService::new(&cfg, store.reports(), resolver.clone(), &trust, spool.clone())
-                    .map_err(setup("TLS-RPT reports"))?,
+                ReportService::new(
+                    &cfg,
+                    store.reports(),
+                    resolver.clone(),
+                    &trust,
+                    spool.clone(),
+                )
+                .map_err(setup("TLS-RPT reports"))?,
             )
         } else {
             None

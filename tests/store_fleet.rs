@@ -100,7 +100,10 @@ async fn a_joining_node_gets_the_fleets_policies_and_keeps_them_without_redis() 
     b.connect().await.unwrap();
     assert_eq!(b.get_policy("shared.test").await.unwrap(), Some(p.clone()));
     // …and keeps a copy, so that a restart while Redis is down is no downgrade window.
-    assert_eq!(b.local().get_policy("shared.test").await.unwrap(), Some(p.clone()));
+    assert_eq!(
+        b.local().get_policy("shared.test").await.unwrap(),
+        Some(p.clone())
+    );
     drop(b);
     server.stop();
     let b = node(&server.url(), db.path());
@@ -129,7 +132,10 @@ async fn policies_come_from_the_local_copy_while_redis_is_down_and_are_given_bac
     // A newer fetch while Redis is down is kept locally (the write does not fail).
     let p2 = policy("down.test", "2", 2_000);
     bounded(a.put_policy(&p2)).await.unwrap();
-    assert_eq!(bounded(a.get_policy("down.test")).await.unwrap(), Some(p2.clone()));
+    assert_eq!(
+        bounded(a.get_policy("down.test")).await.unwrap(),
+        Some(p2.clone())
+    );
     assert_eq!(bounded(a.all_policies()).await.unwrap(), vec![p2.clone()]);
 
     // Redis comes back empty (no persistence): the node's copy is given back to it on
@@ -137,7 +143,10 @@ async fn policies_come_from_the_local_copy_while_redis_is_down_and_are_given_bac
     server.start_again();
     let mut up = false;
     for _ in 0..100 {
-        assert_eq!(bounded(a.get_policy("down.test")).await.unwrap(), Some(p2.clone()));
+        assert_eq!(
+            bounded(a.get_policy("down.test")).await.unwrap(),
+            Some(p2.clone())
+        );
         if a.health().up {
             up = true;
             break;
@@ -167,13 +176,17 @@ async fn a_hung_redis_does_not_hold_lookups_or_counters() {
     server.pause();
     // The first batch is sent and not answered: Redis will apply it when it wakes,
     // and the node, not knowing, keeps it locally to send again. It must count once.
-    bounded(a.add_counts(vec![(key("hung.test"), 10)])).await.unwrap();
+    bounded(a.add_counts(vec![(key("hung.test"), 10)]))
+        .await
+        .unwrap();
     assert!(!a.health().up);
     assert_eq!(a.health().spilled_batches, 1);
     assert_eq!(bounded(a.get_policy("hung.test")).await.unwrap(), Some(p));
     // Later batches are not sent (Redis is known down): kept locally, behind it.
     for _ in 0..4 {
-        bounded(a.add_counts(vec![(key("hung.test"), 10)])).await.unwrap();
+        bounded(a.add_counts(vec![(key("hung.test"), 10)]))
+            .await
+            .unwrap();
     }
     assert_eq!(a.health().spilled_batches, 5);
     // Reports are not made or claimed from a local copy: they wait for Redis.
@@ -207,7 +220,9 @@ async fn counters_kept_while_redis_is_down_reach_it_from_both_nodes_and_across_a
     server.stop();
     for i in 0..20u64 {
         let (n, add) = if i % 2 == 0 { (&a, 1) } else { (&b, 100) };
-        bounded(n.add_counts(vec![(key("sum.test"), add)])).await.unwrap();
+        bounded(n.add_counts(vec![(key("sum.test"), add)]))
+            .await
+            .unwrap();
     }
     assert_eq!(a.health().spilled_batches, 10);
     assert_eq!(b.health().spilled_batches, 10);
@@ -239,7 +254,9 @@ async fn a_node_started_while_redis_is_down_connects_when_it_comes_back() {
     // It works from its local store meanwhile.
     let p = policy("late.test", "1", 1_000);
     bounded(a.put_policy(&p)).await.unwrap();
-    bounded(a.add_counts(vec![(key("late.test"), 7)])).await.unwrap();
+    bounded(a.add_counts(vec![(key("late.test"), 7)]))
+        .await
+        .unwrap();
 
     server.start_again();
     // The background connection attempt (every second) finds it.

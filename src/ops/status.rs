@@ -337,11 +337,7 @@ fn store_section(h: &mut String, s: &Status) {
     h.push_str("<section><h2>Store</h2>");
     match &s.store.redis {
         None => {
-            let _ = write!(
-                h,
-                "<p>{} (this node only)</p>",
-                escape(s.store.backend)
-            );
+            let _ = write!(h, "<p>{} (this node only)</p>", escape(s.store.backend));
         }
         Some(r) => {
             let _ = write!(
@@ -361,7 +357,11 @@ fn store_section(h: &mut String, s: &Status) {
             let _ = write!(
                 h,
                 "<p class=\"{}\">TLS-RPT counter batches kept locally: {}</p>",
-                if r.spilled_batches > 0 { "fail" } else { "muted" },
+                if r.spilled_batches > 0 {
+                    "fail"
+                } else {
+                    "muted"
+                },
                 r.spilled_batches
             );
         }

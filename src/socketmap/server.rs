@@ -155,9 +155,8 @@ impl Server {
     /// The engine (cache in memory, the store `[storage]` names) and resolver the
     /// relay would build from `cfg`, and `cfg.socketmap` (or its defaults).
     pub fn from_config(cfg: &crate::Config) -> Result<Server, SocketmapError> {
-        let store = crate::store::Backend::open(cfg).map_err(|e| {
-            SocketmapError::Unavailable(format!("policy store ([storage]): {e}"))
-        })?;
+        let store = crate::store::Backend::open(cfg)
+            .map_err(|e| SocketmapError::Unavailable(format!("policy store ([storage]): {e}")))?;
         Self::with_store(cfg, store.policies())
     }
 
@@ -178,13 +177,9 @@ impl Server {
             crate::sts::FetchOptions::from_config(cfg),
         )
         .map_err(|e| setup("policy fetcher", &e))?;
-        let engine = Engine::builder(
-            Arc::new(resolver.clone()),
-            Arc::new(fetcher),
-            store,
-        )
-        .options(crate::sts::EngineOptions::from_config(cfg))
-        .build();
+        let engine = Engine::builder(Arc::new(resolver.clone()), Arc::new(fetcher), store)
+            .options(crate::sts::EngineOptions::from_config(cfg))
+            .build();
         Ok(Server::new(
             engine,
             Arc::new(resolver),

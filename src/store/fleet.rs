@@ -451,7 +451,10 @@ impl PolicyStore for FleetStore {
         let d = domain.to_string();
         let remote = self
             .link
-            .call("delete policy", |r| async move { r.delete_policy(&d).await })
+            .call(
+                "delete policy",
+                |r| async move { r.delete_policy(&d).await },
+            )
             .await;
         match (remote, local) {
             (Err(e), _) | (Ok(()), Err(e)) => Err(e),
@@ -527,13 +530,19 @@ impl ReportStore for FleetStore {
             self.drain().await?;
         }
         self.link
-            .call("read counts", |r| async move { r.counts(day, domain).await })
+            .call(
+                "read counts",
+                |r| async move { r.counts(day, domain).await },
+            )
             .await
     }
 
     async fn ledger_insert(&self, rows: Vec<LedgerEntry>) -> Result<usize, StoreError> {
         self.link
-            .call("ledger insert", |r| async move { r.ledger_insert(rows).await })
+            .call(
+                "ledger insert",
+                |r| async move { r.ledger_insert(rows).await },
+            )
             .await
     }
 
@@ -552,7 +561,10 @@ impl ReportStore for FleetStore {
     async fn ledger_update(&self, row: &LedgerEntry) -> Result<bool, StoreError> {
         let row = row.clone();
         self.link
-            .call("ledger update", |r| async move { r.ledger_update(&row).await })
+            .call(
+                "ledger update",
+                |r| async move { r.ledger_update(&row).await },
+            )
             .await
     }
 

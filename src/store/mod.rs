@@ -208,8 +208,12 @@ impl Backend {
     pub async fn connect(&self) {
         if let Backend::Redis(f) = self {
             match f.connect().await {
-                Ok(()) => tracing::info!(url = %f.health().url, "connected to Redis (storage.backend = redis)"),
-                Err(e) => tracing::warn!(error = %e, "Redis unreachable at start; running from the local fallback until it answers"),
+                Ok(()) => {
+                    tracing::info!(url = %f.health().url, "connected to Redis (storage.backend = redis)")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Redis unreachable at start; running from the local fallback until it answers")
+                }
             }
         }
     }

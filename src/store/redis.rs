@@ -416,12 +416,13 @@ impl RedisStore {
             .arg(writer)
             .arg(seq);
         for (k, n) in counts {
-            let field = serde_json::to_string(&(k.policy_json(), k.failure_json())).map_err(
-                |e| StoreError {
-                    op: "add counts",
-                    reason: e.to_string(),
-                },
-            )?;
+            let field =
+                serde_json::to_string(&(k.policy_json(), k.failure_json())).map_err(|e| {
+                    StoreError {
+                        op: "add counts",
+                        reason: e.to_string(),
+                    }
+                })?;
             let n = i64::try_from(*n).map_err(|_| StoreError {
                 op: "add counts",
                 reason: format!("count {n} out of range"),

@@ -317,7 +317,8 @@ impl ReportService {
     /// sends a row meanwhile, and a claim cannot run out while it waits its turn).
     /// Returns the rows as they ended this pass.
     pub async fn deliver_due(&self) -> Result<Vec<LedgerEntry>, ReportError> {
-        let lease = (self.cfg.claim_lease_secs as i64).max(2 * self.cfg.https_timeout_secs as i64 + 5);
+        let lease =
+            (self.cfg.claim_lease_secs as i64).max(2 * self.cfg.https_timeout_secs as i64 + 5);
         let mut done = Vec::new();
         for _ in 0..BATCH {
             let now = self.clock.now();
