@@ -24,6 +24,7 @@
 pub mod check;
 pub mod clock;
 pub mod config;
+pub mod dane;
 pub mod delivery;
 pub mod dns;
 pub mod ops;

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 /// `mx-host`); one `policies[]` element of a report per distinct value (R68).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PolicyKey {
-    /// `sts` or `no-policy-found`.
+    /// `sts`, `tlsa` or `no-policy-found`.
     pub policy_type: PolicyType,
     /// The policy lines (empty when nothing was fetched).
     pub policy_strings: Vec<String>,

@@ -11,6 +11,8 @@ use std::net::IpAddr;
 pub enum PolicyType {
     /// An MTA-STS policy (testing or enforce).
     Sts,
+    /// DANE TLSA records (RFC 7672); the policy strings are the records.
+    Tlsa,
     /// No policy applied.
     NoPolicyFound,
 }
@@ -31,7 +33,7 @@ pub struct SessionResult {
     pub at: i64,
     /// The recipient (policy) domain.
     pub policy_domain: String,
-    /// `sts` or `no-policy-found`.
+    /// `sts`, `tlsa` or `no-policy-found`.
     pub policy_type: PolicyType,
     /// The policy lines as served (empty without a policy).
     pub policy_strings: Vec<String>,
