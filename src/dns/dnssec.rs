@@ -157,9 +157,23 @@ impl TrustAnchor {
         };
         let hint = "expected DNSKEY records such as `example. 3600 IN DNSKEY 257 3 13 <base64>` \
                     (not DS records)";
-        let entries = Parser::new(text)
-            .parse()
-            .map_err(|e| invalid(format!("{e}; {hint}")))?;
+        let entries = Parser::new(text).parse().map_err(|e| {
+            let no_class = text.lines().any(|l| {
+                let mut tokens = l.split_whitespace();
+                tokens.next().is_some_and(|t| !t.starts_with(';'))
+                    && tokens
+                        .next()
+                        .is_some_and(|t| t.eq_ignore_ascii_case("DNSKEY"))
+            });
+            if no_class {
+                invalid(format!(
+                    "{e}; each record needs its class, `zone. [ttl] IN DNSKEY …` \
+                     (Knot's `keymgr zone. dnskey` prints none)"
+                ))
+            } else {
+                invalid(format!("{e}; {hint}"))
+            }
+        })?;
         if entries.is_empty() {
             return Err(invalid(format!("no DNSKEY records; {hint}")));
         }
@@ -329,7 +343,7 @@ impl Resolver {
 
     /// IPv4 and IPv6 addresses of `host` (as [`Resolver::ips`]) with the weaker
     /// DNSSEC status of the A and AAAA answers (RFC 7672 §2.2.2: TLSA records are
-    /// looked up only for hosts whose addresses are secure).
+    /// looked up only for hosts whose addresses are secure). Bogus carries no addresses.
     pub async fn ips_validated(&self, host: &str) -> Result<(Security, Vec<IpAddr>), DnsError> {
         let Some(v) = &self.validating else {
             return Ok((Security::Insecure, self.ips(host).await?));
@@ -339,6 +353,10 @@ impl Resolver {
             checked_lookup(v, host, RecordType::AAAA, "AAAA"),
         );
         let (a, aaaa) = (a?, aaaa?);
+        let security = a.security.and(aaaa.security);
+        if let Security::Bogus(_) = security {
+            return Ok((security, vec![])); // none of the addresses is to be used
+        }
         let ips = a
             .answers
             .iter()
@@ -349,7 +367,7 @@ impl Resolver {
                 _ => None,
             })
             .collect();
-        Ok((a.security.and(aaaa.security), ips))
+        Ok((security, ips))
     }
 }
 
@@ -392,6 +410,8 @@ mod tests {
         assert!(not_zone.contains("not a zone key"), "{not_zone}");
         let class = e(&format!("test. 3600 CH DNSKEY 257 3 13 {KEY}"));
         assert!(class.contains("class CH"), "{class}");
+        let no_class = e(&format!("test. DNSKEY 257 3 13 {KEY}"));
+        assert!(no_class.contains("needs its class"), "{no_class}");
         let garbage = e("test. 3600 IN DNSKEY 257 3 13 !!!notbase64");
         assert!(
             garbage.starts_with("invalid trust anchor file <string>"),

@@ -5,7 +5,7 @@
 //! * the plain one answers [`Resolver::txt`], [`Resolver::mx`] and [`Resolver::ips`]
 //!   (MTA-STS, TLS-RPT, delivery) without DNSSEC, so a broken signature chain never
 //!   affects them;
-//! * the validating one (DNSSEC, [`dnssec`]) answers only the DANE lookups
+//! * the validating one (DNSSEC, trust anchor per [`TrustAnchor`]) answers only the DANE lookups
 //!   ([`Resolver::mx_validated`], [`Resolver::ips_validated`], [`Resolver::tlsa`]),
 //!   each labelled [`Security::Secure`], [`Security::Insecure`] or [`Security::Bogus`].
 

@@ -287,9 +287,10 @@ fn parent_zone<'a>(st: &'a State, z: &Zone) -> Option<&'a Zone> {
 }
 
 /// The zone that answers `qtype` at `name`: DS at a delegation comes from the parent,
-/// so a DS query for a top zone is refused, as for any name outside the zones. (Answering
-/// it from the zone itself would make hickory chase DS and DNSKEY of that zone in a
-/// loop, thousands of queries deep, when the trust anchor does not match.)
+/// so a DS query for a top zone is refused, as for any name outside the zones. (Knot
+/// answers it from the zone itself. With our TTL of 0 nothing is cached, and under a
+/// trust anchor that does not match, that answer makes hickory chase the zone's DS and
+/// DNSKEY thousands of times.)
 fn answering_zone<'a>(st: &'a State, name: &Name, qtype: RecordType) -> Option<&'a Zone> {
     let z = zone_of(st, name)?;
     if qtype == RecordType::DS && z.apex == *name {
