@@ -465,6 +465,12 @@ impl Config {
                 message: message.to_string(),
             })
         };
+        // Read here, so a bad file stops `stsrelay` at start-up, not at the first DANE lookup.
+        if let Some(path) = &self.dns.trust_anchor
+            && let Err(e) = crate::dns::TrustAnchor::from_file(path)
+        {
+            return invalid("dns.trust_anchor", &e.to_string());
+        }
         if self.sts.fetch_backoff_secs < 300 {
             return invalid(
                 "sts.fetch_backoff_secs",
@@ -518,11 +524,6 @@ impl Config {
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return invalid("log.level", &format!("not a RUST_LOG-style filter: {e}"));
-        }
-        if let Some(path) = &self.dns.trust_anchor
-            && let Err(e) = crate::dns::TrustAnchor::from_file(path)
-        {
-            return invalid("dns.trust_anchor", &e.to_string());
         }
         if self.delivery.port == 0 {
             return invalid("delivery.port", "must not be 0");

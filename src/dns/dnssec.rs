@@ -38,7 +38,7 @@ use std::sync::Arc;
 /// assert!(matches!(worst.and(Security::Bogus("bad RRSIG".into())), Security::Bogus(_)));
 /// assert!(Security::Secure.is_secure());
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Security {
     /// Validated from the trust anchor down (records, or their secure denial).
     Secure,
