@@ -70,13 +70,31 @@ pub struct Config {
 }
 
 /// `[dns]`: how names are resolved.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
     /// Nameservers as `ip:port`; empty means the system resolver (`/etc/resolv.conf`).
     pub nameservers: Vec<SocketAddr>,
     /// Per-query timeout in seconds (default 5).
     pub timeout_secs: Option<u64>,
+    /// Validate DNSSEC for the DANE lookups (MX, A/AAAA, TLSA; RFC 7672). Default true.
+    /// Off: every DANE lookup is insecure, so DANE never applies. MTA-STS and plain
+    /// delivery never validate.
+    pub dnssec: bool,
+    /// File of DNSKEY records to trust instead of the root's keys built into hickory
+    /// (`zone. 3600 IN DNSKEY 257 3 13 …`, every key of each anchored zone).
+    pub trust_anchor: Option<PathBuf>,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: vec![],
+            timeout_secs: None,
+            dnssec: true,
+            trust_anchor: None,
+        }
+    }
 }
 
 /// `[tls]`: trust store shared by policy fetches and MX connections.
@@ -487,6 +505,12 @@ impl Config {
                 message: message.to_string(),
             })
         };
+        // Read here, so a bad file stops `stsrelay` at start-up, not at the first DANE lookup.
+        if let Some(path) = &self.dns.trust_anchor
+            && let Err(e) = crate::dns::TrustAnchor::from_file(path)
+        {
+            return invalid("dns.trust_anchor", &e.to_string());
+        }
         if self.sts.fetch_backoff_secs < 300 {
             return invalid(
                 "sts.fetch_backoff_secs",
@@ -723,6 +747,46 @@ mod tests {
     }
 
     #[test]
+    fn dnssec_defaults_on_with_the_builtin_anchor() {
+        let c = Config::from_toml("").unwrap();
+        assert!(c.dns.dnssec);
+        assert_eq!(c.dns.trust_anchor, None);
+        let c = Config::from_toml("[dns]\ndnssec = false\n").unwrap();
+        assert!(!c.dns.dnssec);
+    }
+
+    #[test]
+    fn trust_anchor_file_is_checked_when_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.keys");
+        let toml = |p: &Path| format!("[dns]\ntrust_anchor = \"{}\"\n", p.display());
+        let e = Config::from_toml(&toml(&missing)).unwrap_err().to_string();
+        assert!(
+            e.contains("dns.trust_anchor") && e.contains("missing.keys"),
+            "{e}"
+        );
+        let ds = dir.path().join("ds.keys");
+        std::fs::write(
+            &ds,
+            "test. 3600 IN DS 2371 13 2 1F987CC6583E92DF0890718C42\n",
+        )
+        .unwrap();
+        let e = Config::from_toml(&toml(&ds)).unwrap_err().to_string();
+        assert!(
+            e.contains("dns.trust_anchor") && e.contains("ds.keys") && e.contains("DNSKEY"),
+            "{e}"
+        );
+        let good = dir.path().join("good.keys");
+        std::fs::write(
+            &good,
+            "test. 3600 IN DNSKEY 257 3 13 mdsswUyr3DPW132mOi8V9xESWE8jTo0dxCjjnopKl+GqJxpVXckHAeF+KkxLbxILfDLUT0rAK9iUzy1L53eKGQ==\n",
+        )
+        .unwrap();
+        let c = Config::from_toml(&toml(&good)).unwrap();
+        assert_eq!(c.dns.trust_anchor.as_deref(), Some(good.as_path()));
+    }
+
+    #[test]
     fn relay_allow_list() {
         let c = Config::default();
         assert!(c.relay_allowed("127.0.0.1".parse().unwrap()));
@@ -872,6 +936,9 @@ mod example_file {
         assert_eq!(format!("{:?}", c.delivery), format!("{:?}", d.delivery));
         assert_eq!(format!("{:?}", c.storage), format!("{:?}", d.storage));
         assert_eq!(c.dns_timeout(), d.dns_timeout());
+        assert_eq!(c.dns.nameservers, d.dns.nameservers);
+        assert_eq!(c.dns.dnssec, d.dns.dnssec);
+        assert_eq!(c.dns.trust_anchor, d.dns.trust_anchor);
         assert_eq!(format!("{:?}", c.server), format!("{:?}", d.server));
         assert_eq!(format!("{:?}", c.queue), format!("{:?}", d.queue));
         assert_eq!(format!("{:?}", c.tlsrpt), format!("{:?}", d.tlsrpt));

@@ -74,21 +74,16 @@ fn name_key(name: &Name) -> String {
 impl TestDns {
     /// Starts the server on 127.0.0.1 (random port, same for UDP and TCP).
     pub async fn start() -> TestDns {
-        // Find a port free for both UDP and TCP (bounded attempts).
-        let mut bound = None;
-        for _ in 0..50 {
-            let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind udp");
-            let addr = udp.local_addr().expect("udp local addr");
-            if let Ok(tcp) = TcpListener::bind(addr).await {
-                bound = Some((udp, tcp, addr));
-                break;
-            }
-        }
-        let (udp, tcp, addr) = bound.expect("no port free for both UDP and TCP");
         let zone = Arc::new(Mutex::new(Zone::default()));
-        let tasks = TaskGuard::default();
-        tasks.push(tokio::spawn(udp_loop(udp, zone.clone())).abort_handle());
-        tasks.push(tokio::spawn(tcp_loop(tcp, zone.clone())).abort_handle());
+        let z = zone.clone();
+        let (addr, tasks) = serve(Arc::new(
+            move |q: &Query, _dnssec_ok, resp: &mut Message| {
+                let mut z = z.lock().unwrap();
+                z.log.push((name_key(&q.name), q.query_type));
+                answer(&z, q, resp);
+            },
+        ))
+        .await;
         TestDns {
             inner: Arc::new(Inner {
                 addr,
@@ -220,8 +215,32 @@ impl TestDns {
     }
 }
 
+/// Fills the answer, authority and additional sections and the response code of
+/// `resp` for the query `q`; `dnssec_ok` is the request's EDNS DO bit.
+pub type Answerer = Arc<dyn Fn(&Query, bool, &mut Message) + Send + Sync>;
+
+/// Serves `answerer` over UDP and TCP on one random port of 127.0.0.1; the tasks
+/// stop when the returned guard is dropped.
+pub(crate) async fn serve(answerer: Answerer) -> (SocketAddr, TaskGuard) {
+    // Find a port free for both UDP and TCP (bounded attempts).
+    let mut bound = None;
+    for _ in 0..50 {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind udp");
+        let addr = udp.local_addr().expect("udp local addr");
+        if let Ok(tcp) = TcpListener::bind(addr).await {
+            bound = Some((udp, tcp, addr));
+            break;
+        }
+    }
+    let (udp, tcp, addr) = bound.expect("no port free for both UDP and TCP");
+    let tasks = TaskGuard::default();
+    tasks.push(tokio::spawn(udp_loop(udp, answerer.clone())).abort_handle());
+    tasks.push(tokio::spawn(tcp_loop(tcp, answerer)).abort_handle());
+    (addr, tasks)
+}
+
 /// Builds the wire answer for one request, or `None` when it should be ignored.
-fn respond(zone: &Mutex<Zone>, req_bytes: &[u8], udp: bool) -> Option<Vec<u8>> {
+fn respond(answerer: &Answerer, req_bytes: &[u8], udp: bool) -> Option<Vec<u8>> {
     let req = match Message::from_vec(req_bytes) {
         Ok(m) => m,
         Err(_) => {
@@ -241,9 +260,11 @@ fn respond(zone: &Mutex<Zone>, req_bytes: &[u8], udp: bool) -> Option<Vec<u8>> {
     resp.metadata.recursion_desired = req.metadata.recursion_desired;
     resp.metadata.checking_disabled = req.metadata.checking_disabled;
     resp.metadata.recursion_available = true;
+    let dnssec_ok = req.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok);
     if req.edns.is_some() {
         let mut e = Edns::new();
         e.set_max_payload(1232);
+        e.set_dnssec_ok(dnssec_ok);
         resp.set_edns(e);
     }
     if req.metadata.op_code != OpCode::Query {
@@ -258,11 +279,7 @@ fn respond(zone: &Mutex<Zone>, req_bytes: &[u8], udp: bool) -> Option<Vec<u8>> {
     resp.add_query(q.clone());
     resp.metadata.authoritative = true;
 
-    {
-        let mut z = zone.lock().unwrap();
-        z.log.push((name_key(&q.name), q.query_type));
-        answer(&z, &q, &mut resp);
-    }
+    answerer(&q, dnssec_ok, &mut resp);
 
     let bytes = match resp.to_vec() {
         Ok(b) => b,
@@ -373,29 +390,29 @@ fn soa_for(name: &str, ttl: u32) -> Record {
     )
 }
 
-async fn udp_loop(sock: UdpSocket, zone: Arc<Mutex<Zone>>) {
+async fn udp_loop(sock: UdpSocket, answerer: Answerer) {
     let mut buf = vec![0u8; 65535];
     for _ in 0..UDP_MAX_DATAGRAMS {
         let Ok((n, peer)) = sock.recv_from(&mut buf).await else {
             continue;
         };
-        if let Some(out) = respond(&zone, &buf[..n], true) {
+        if let Some(out) = respond(&answerer, &buf[..n], true) {
             let _ = sock.send_to(&out, peer).await;
         }
     }
 }
 
-async fn tcp_loop(listener: TcpListener, zone: Arc<Mutex<Zone>>) {
+async fn tcp_loop(listener: TcpListener, answerer: Answerer) {
     for _ in 0..TCP_MAX_CONNECTIONS {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        tokio::spawn(tcp_conn(stream, zone.clone()));
+        tokio::spawn(tcp_conn(stream, answerer.clone()));
     }
 }
 
-async fn tcp_conn(mut stream: TcpStream, zone: Arc<Mutex<Zone>>) {
+async fn tcp_conn(mut stream: TcpStream, answerer: Answerer) {
     for _ in 0..TCP_MAX_MESSAGES {
         let mut len = [0u8; 2];
         match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
@@ -408,7 +425,7 @@ async fn tcp_conn(mut stream: TcpStream, zone: Arc<Mutex<Zone>>) {
             Ok(Ok(_)) => {}
             _ => return,
         }
-        let Some(out) = respond(&zone, &msg, false) else {
+        let Some(out) = respond(&answerer, &msg, false) else {
             continue;
         };
         let Ok(olen) = u16::try_from(out.len()) else {

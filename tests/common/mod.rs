@@ -5,6 +5,7 @@
 //!
 //! * [`pki`]   – a throw-away CA (rcgen) issuing leaf certificates.
 //! * [`dns`]   – an authoritative+recursive-looking DNS server (UDP and TCP).
+//! * [`dnssec`] – the same for a tree of DNSSEC-signed zones (secure, insecure, bogus).
 //! * [`https`] – an HTTPS/1.1 host serving MTA-STS policies per SNI/Host.
 //! * [`smtp`]  – an ESMTP sink with optional STARTTLS.
 //!
@@ -14,6 +15,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod dnssec;
 pub mod https;
 pub mod pki;
 pub mod relay;

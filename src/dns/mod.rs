@@ -1,10 +1,25 @@
 //! DNS through hickory-resolver, with the nameservers from `[dns]` or the system's.
+//!
+//! Two hickory resolvers share the nameservers and timeout:
+//!
+//! * the plain one answers [`Resolver::txt`], [`Resolver::mx`] and [`Resolver::ips`]
+//!   (MTA-STS, TLS-RPT, delivery) without DNSSEC, so a broken signature chain never
+//!   affects them;
+//! * the validating one (DNSSEC, trust anchor per [`TrustAnchor`]) answers only the DANE lookups
+//!   ([`Resolver::mx_validated`], [`Resolver::ips_validated`], [`Resolver::tlsa`]),
+//!   each labelled [`Security::Secure`], [`Security::Insecure`] or [`Security::Bogus`].
+
+mod dnssec;
+mod tlsa;
+
+pub use dnssec::{Security, TrustAnchor, TrustAnchorError};
+pub use tlsa::{TlsaAnswer, TlsaRecord};
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::proto::rr::{RData, RecordType};
+use hickory_resolver::proto::rr::{RData, Record, RecordType};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,58 +79,157 @@ pub enum MxAnswer {
     NxDomain,
 }
 
+impl MxAnswer {
+    /// The answer made of the MX records among `records` (others are ignored).
+    fn from_records(records: &[Record]) -> MxAnswer {
+        let mut mxs: Vec<Mx> = records
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::MX(mx) => Some(Mx {
+                    preference: mx.preference,
+                    host: mx
+                        .exchange
+                        .to_ascii()
+                        .trim_end_matches('.')
+                        .to_ascii_lowercase(),
+                }),
+                _ => None,
+            })
+            .collect();
+        if mxs.is_empty() {
+            return MxAnswer::Implicit;
+        }
+        if mxs.len() == 1 && mxs[0].host.is_empty() {
+            return MxAnswer::Null;
+        }
+        mxs.retain(|m| !m.host.is_empty());
+        mxs.sort_by_key(|m| m.preference);
+        MxAnswer::Hosts(mxs)
+    }
+}
+
 /// The resolver every part uses. Cheap to clone.
 #[derive(Clone)]
 pub struct Resolver {
     inner: Arc<TokioResolver>,
+    /// The DNSSEC-validating resolver for the DANE lookups; `None` when DNSSEC is off
+    /// (`dns.dnssec = false`), and every validated lookup is then [`Security::Insecure`].
+    validating: Option<Arc<TokioResolver>>,
 }
 
 impl std::fmt::Debug for Resolver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Resolver")
+        f.debug_struct("Resolver")
+            .field("dnssec", &self.validating.is_some())
+            .finish()
     }
+}
+
+/// A hickory resolver on `nameservers` (the system's when empty), validating DNSSEC
+/// against `anchor` when given.
+fn build(
+    nameservers: &[SocketAddr],
+    timeout: Duration,
+    anchor: Option<&TrustAnchor>,
+) -> Result<TokioResolver, DnsError> {
+    let err = |e: NetError| DnsError {
+        name: "<resolver configuration>".into(),
+        rtype: "-",
+        reason: e.to_string(),
+    };
+    let provider = TokioRuntimeProvider::default();
+    let mut builder = if nameservers.is_empty() {
+        TokioResolver::builder(provider).map_err(err)?
+    } else {
+        let servers = nameservers
+            .iter()
+            .map(|sa| {
+                let mut udp = ConnectionConfig::udp();
+                udp.port = sa.port();
+                let mut tcp = ConnectionConfig::tcp();
+                tcp.port = sa.port();
+                NameServerConfig::new(sa.ip(), true, vec![udp, tcp])
+            })
+            .collect();
+        TokioResolver::builder_with_config(
+            ResolverConfig::from_parts(None, vec![], servers),
+            provider,
+        )
+    };
+    let opts: &mut ResolverOpts = builder.options_mut();
+    opts.timeout = timeout;
+    opts.attempts = 2;
+    opts.ndots = 0;
+    if let Some(anchor) = anchor {
+        // The builder's trust anchor (not `ResolverOpts::trust_anchor`, which hickory
+        // 0.26 ignores here) also switches validation on.
+        opts.validate = true;
+        // CNAMEs stay in the answer, so their proofs count (RFC 7672 §2.2.3).
+        opts.preserve_intermediates = true;
+        builder = builder.with_trust_anchor(anchor.anchors());
+    }
+    builder.build().map_err(err)
 }
 
 impl Resolver {
     /// Build a resolver: `nameservers` as `ip:port` (UDP and TCP), or the system's
-    /// configuration when empty.
+    /// configuration when empty. DNSSEC is off: the validated lookups answer
+    /// [`Security::Insecure`] (see [`Resolver::with_dnssec`]).
     pub fn new(nameservers: &[SocketAddr], timeout: Duration) -> Result<Resolver, DnsError> {
-        let err = |e: NetError| DnsError {
-            name: "<resolver configuration>".into(),
-            rtype: "-",
-            reason: e.to_string(),
-        };
-        let provider = TokioRuntimeProvider::default();
-        let mut builder = if nameservers.is_empty() {
-            TokioResolver::builder(provider).map_err(err)?
-        } else {
-            let servers = nameservers
-                .iter()
-                .map(|sa| {
-                    let mut udp = ConnectionConfig::udp();
-                    udp.port = sa.port();
-                    let mut tcp = ConnectionConfig::tcp();
-                    tcp.port = sa.port();
-                    NameServerConfig::new(sa.ip(), true, vec![udp, tcp])
-                })
-                .collect();
-            TokioResolver::builder_with_config(
-                ResolverConfig::from_parts(None, vec![], servers),
-                provider,
-            )
-        };
-        let opts: &mut ResolverOpts = builder.options_mut();
-        opts.timeout = timeout;
-        opts.attempts = 2;
-        opts.ndots = 0;
         Ok(Resolver {
-            inner: Arc::new(builder.build().map_err(err)?),
+            inner: Arc::new(build(nameservers, timeout, None)?),
+            validating: None,
         })
     }
 
-    /// From the `[dns]` section of a config.
+    /// Like [`Resolver::new`], plus a DNSSEC-validating resolver (same nameservers)
+    /// for the DANE lookups, trusting `anchor`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use stsrelay::dns::{Resolver, TrustAnchor};
+    /// let ns = ["127.0.0.1:53".parse().unwrap()];
+    /// let r = Resolver::with_dnssec(&ns, std::time::Duration::from_secs(1), &TrustAnchor::builtin())
+    ///     .unwrap();
+    /// assert!(r.dnssec_enabled());
+    /// assert!(!Resolver::new(&ns, std::time::Duration::from_secs(1)).unwrap().dnssec_enabled());
+    /// # }
+    /// ```
+    pub fn with_dnssec(
+        nameservers: &[SocketAddr],
+        timeout: Duration,
+        anchor: &TrustAnchor,
+    ) -> Result<Resolver, DnsError> {
+        Ok(Resolver {
+            inner: Arc::new(build(nameservers, timeout, None)?),
+            validating: Some(Arc::new(build(nameservers, timeout, Some(anchor))?)),
+        })
+    }
+
+    /// Does this resolver validate DNSSEC for the DANE lookups?
+    pub fn dnssec_enabled(&self) -> bool {
+        self.validating.is_some()
+    }
+
+    /// From the `[dns]` section of a config: `dns.nameservers`, `dns.timeout_secs`,
+    /// and DNSSEC per `dns.dnssec` with `dns.trust_anchor` (default: the root's keys
+    /// built into hickory).
     pub fn from_config(cfg: &crate::Config) -> Result<Resolver, DnsError> {
-        Resolver::new(&cfg.dns.nameservers, cfg.dns_timeout())
+        let (ns, timeout) = (&cfg.dns.nameservers, cfg.dns_timeout());
+        if !cfg.dns.dnssec {
+            tracing::debug!("DNSSEC off (dns.dnssec = false): DANE lookups are insecure");
+            return Resolver::new(ns, timeout);
+        }
+        let anchor = match &cfg.dns.trust_anchor {
+            Some(path) => TrustAnchor::from_file(path).map_err(|e| DnsError {
+                name: "<resolver configuration>".into(),
+                rtype: "-",
+                reason: format!("dns.trust_anchor: {e}"),
+            })?,
+            None => TrustAnchor::builtin(),
+        };
+        tracing::debug!(trust_anchor = %anchor, "DNSSEC validation for DANE lookups");
+        Resolver::with_dnssec(ns, timeout, &anchor)
     }
 
     fn fqdn(name: &str) -> String {
@@ -159,32 +273,7 @@ impl Resolver {
     /// MX records of `domain` in preference order (equal preferences keep DNS order).
     pub async fn mx(&self, domain: &str) -> Result<MxAnswer, DnsError> {
         match self.inner.lookup(Self::fqdn(domain), RecordType::MX).await {
-            Ok(lookup) => {
-                let mut mxs: Vec<Mx> = lookup
-                    .answers()
-                    .iter()
-                    .filter_map(|r| match &r.data {
-                        RData::MX(mx) => Some(Mx {
-                            preference: mx.preference,
-                            host: mx
-                                .exchange
-                                .to_ascii()
-                                .trim_end_matches('.')
-                                .to_ascii_lowercase(),
-                        }),
-                        _ => None,
-                    })
-                    .collect();
-                if mxs.is_empty() {
-                    return Ok(MxAnswer::Implicit);
-                }
-                if mxs.len() == 1 && mxs[0].host.is_empty() {
-                    return Ok(MxAnswer::Null);
-                }
-                mxs.retain(|m| !m.host.is_empty());
-                mxs.sort_by_key(|m| m.preference);
-                Ok(MxAnswer::Hosts(mxs))
-            }
+            Ok(lookup) => Ok(MxAnswer::from_records(lookup.answers())),
             Err(e) if e.is_nx_domain() => Ok(MxAnswer::NxDomain),
             Err(e) if e.is_no_records_found() => Ok(MxAnswer::Implicit),
             Err(e) => Err(Self::failure(domain, "MX", &e)),
