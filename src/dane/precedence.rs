@@ -7,36 +7,8 @@
 use super::tlsa::{SetStatus, TlsaSet};
 use crate::sts::MxDecision;
 use crate::tlsrpt::ResultType;
-use std::fmt;
 
-/// The DNSSEC status of one lookup (RFC 4033 §5, RFC 4035 §4.3).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Security {
-    /// Validated from a trust anchor (including a validated denial of existence).
-    Secure,
-    /// Provably unsigned.
-    Insecure,
-    /// Validation failed, or the lookup failed where an answer should have been
-    /// validated (SERVFAIL, timeout): "indeterminate" counts as bogus (RFC 7672 §2.1.1).
-    Bogus(String),
-}
-
-impl Security {
-    /// Secure?
-    pub fn is_secure(&self) -> bool {
-        matches!(self, Security::Secure)
-    }
-}
-
-impl fmt::Display for Security {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Security::Secure => f.write_str("secure"),
-            Security::Insecure => f.write_str("insecure"),
-            Security::Bogus(why) => write!(f, "bogus ({why})"),
-        }
-    }
-}
+pub use crate::dns::Security;
 
 /// What DNS said, with DNSSEC status, about one MX host of a domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
