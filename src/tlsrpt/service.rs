@@ -447,6 +447,7 @@ impl ReportService {
     pub async fn run(self: Arc<Self>) {
         // (day, when to make its reports)
         let mut plan: Option<(Day, i64)> = None;
+        let mut failing: Option<String> = None;
         loop {
             let now = self.clock.now();
             let yesterday = Day::of(now).prev();
@@ -467,8 +468,16 @@ impl ReportService {
                     }
                 }
             }
-            if let Err(e) = self.deliver_due().await {
-                tracing::error!(error = %e, "TLS-RPT report delivery failed");
+            // Said once per distinct failure (a store outage would say it every tick).
+            match self.deliver_due().await {
+                Ok(_) => failing = None,
+                Err(e) => {
+                    let text = e.to_string();
+                    if failing.as_deref() != Some(text.as_str()) {
+                        tracing::error!(error = %text, "TLS-RPT report delivery failed; retrying every few seconds");
+                        failing = Some(text);
+                    }
+                }
             }
             tokio::time::sleep(TICK).await;
         }
