@@ -15,12 +15,16 @@
 //! - `NOTFOUND ` for no policy, `mode: none`, `testing`, a failed fetch without a cached
 //!   policy, keys starting with `.`, IP literals and other non-domains;
 //! - `TEMP reason` when an enforced policy permits none of the domain's MX hosts (or
-//!   they cannot be resolved for a wildcard pattern): Postfix defers.
+//!   they cannot be resolved for a wildcard pattern): Postfix defers;
+//! - `OK dane-only` or `OK dane` when the key's MX hosts have DNSSEC-secure, usable
+//!   TLSA records (RFC 7672), whatever MTA-STS says: Postfix's own DANE then decides,
+//!   and no MTA-STS answer can override a DANE failure (RFC 8461 §2); see [`dane`].
 //!
 //! Parts: [`netstring`] (framing), [`request`] (`NAME KEY`, key normalisation),
-//! [`reply`] (decisions and rendering), [`server`] (listeners and connections),
-//! [`zones`] (the `[socketmap]` config).
+//! [`reply`] (decisions and rendering), [`dane`] (when DANE replaces the MTA-STS
+//! answer), [`server`] (listeners and connections), [`zones`] (the `[socketmap]` config).
 
+pub mod dane;
 pub mod netstring;
 pub mod reply;
 pub mod request;
