@@ -158,7 +158,7 @@ async fn main() {
     std::fs::write(
         &cfg,
         format!(
-            "[dns]\nnameservers = [\"{}\"]\n[tls]\nextra_roots = [\"{}\"]\n[storage]\ndata_dir = \"{}\"\n\
+            "[dns]\nnameservers = [\"{}\"]\ndnssec = false\n[tls]\nextra_roots = [\"{}\"]\n[storage]\ndata_dir = \"{}\"\n\
              [delivery]\nport = {sink_port}\nhelo_name = \"relay.bench.test\"\n[sts]\npolicy_port = {}\n\
              [server]\nlisten = \"127.0.0.1:{listen}\"\nmax_recipients = 10\n\
              [admin]\nlisten = \"127.0.0.1:{admin}\"\n[log]\nlevel = \"warn\"\n",

@@ -117,6 +117,23 @@ pub struct Relay {
     store: Backend,
 }
 
+/// Say at start whether DNSSEC validation works through `dns.nameservers`: if it does
+/// not, every MX comes back bogus and all mail is deferred (fail closed, never a
+/// silent loss of DANE).
+async fn dnssec_selfcheck(resolver: &Resolver) {
+    let check = tokio::time::timeout(Duration::from_secs(15), resolver.dnssec_selfcheck()).await;
+    match check {
+        Ok(None) => tracing::info!("DNSSEC off (dns.dnssec = false): no DANE"),
+        Ok(Some(Ok(crate::dns::Security::Secure))) => {
+            tracing::info!("DNSSEC validation works: DANE is on")
+        }
+        Ok(Some(Ok(s))) => tracing::error!(status = %s,
+            "DNSSEC validation does not work through dns.nameservers (they must return DNSSEC records, or dns.trust_anchor is wrong): every domain will be deferred as dnssec-invalid; fix the resolver or set dns.dnssec = false"),
+        Ok(Some(Err(e))) => tracing::warn!(error = %e, "cannot check DNSSEC validation at start"),
+        Err(_) => tracing::warn!("cannot check DNSSEC validation at start: no answer within 15 s"),
+    }
+}
+
 fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> RelayError + '_ {
     move |e| RelayError::Setup(format!("{what}: {e}"))
 }
@@ -140,6 +157,7 @@ impl Relay {
             .map_err(unavailable("spool"))?
             .map_err(unavailable("spool (storage.data_dir)"))?;
         let resolver = Resolver::from_config(&cfg).map_err(setup("DNS (dns.nameservers)"))?;
+        dnssec_selfcheck(&resolver).await;
         let trust =
             TrustStore::from_config(&cfg).map_err(setup("trust store (tls.extra_roots)"))?;
         let fetcher = HttpsFetcher::new(resolver.clone(), &trust, FetchOptions::from_config(&cfg))
@@ -749,7 +767,7 @@ impl MessageSink for SpoolSink {
 /// `storage.data_dir` for TLS-RPT; the admin endpoint (`[admin]`) serves `metrics`
 /// (when given), health, readiness and the status page; systemd is notified.
 pub async fn run(cfg: Config, metrics: Option<MetricsRender>) -> Result<(), RelayError> {
-    let store = Backend::open(&cfg).map_err(unavailable("store ([storage])"))?;
+    let store = Backend::open(&cfg).map_err(unavailable("store (storage.data_dir)"))?;
     store.connect().await;
     let recorder = Arc::new(StoreRecorder::spawn(store.reports()));
     let relay = Relay::new(cfg.clone(), store, recorder.clone()).await?;

@@ -47,6 +47,10 @@ impl From<&rustls::Error> for TlsFailure {
     /// The single place where rustls errors become result types. rustls 0.23 reports
     /// many certificate errors as `…Context` variants; both forms are matched.
     fn from(e: &rustls::Error) -> TlsFailure {
+        // A DANE verifier's verdict (RFC 7672) keeps its own result type.
+        if let Some(d) = crate::dane::dane_failure(e) {
+            return d.into();
+        }
         let (result_type, reason_code) = match e {
             rustls::Error::InvalidCertificate(ce) => match ce {
                 CertificateError::Expired | CertificateError::ExpiredContext { .. } => {

@@ -345,3 +345,32 @@ async fn a_server_failure_or_timeout_is_an_error_not_a_verdict() {
     let r = resolver(format!("127.0.0.1:{port}"));
     assert!(r.tlsa(25, "mx.secure.test").await.is_err());
 }
+
+#[tokio::test]
+async fn the_start_self_check_says_whether_validation_works() {
+    let w = World::new().await;
+    // Through a signing server with its anchor: the anchor's DNSKEY validates.
+    let ok = w.resolver().dnssec_selfcheck().await.unwrap().unwrap();
+    assert_eq!(ok, Security::Secure);
+    // The same anchor through a nameserver that returns no DNSSEC records: bogus (the
+    // relay logs that every domain would be deferred).
+    let plain = TestDns::start().await;
+    let anchor = w.dns.write_trust_anchor(w.dir.path());
+    let cfg = Config::from_toml(&format!(
+        "[dns]\nnameservers = [\"{}\"]\ntimeout_secs = 2\ntrust_anchor = \"{}\"\n",
+        plain.addr(),
+        anchor.display()
+    ))
+    .unwrap();
+    let r = Resolver::from_config(&cfg).unwrap();
+    let broken = r.dnssec_selfcheck().await.unwrap();
+    assert!(!matches!(broken, Ok(Security::Secure)), "{broken:?}");
+    // DNSSEC off: nothing to check.
+    assert!(
+        Resolver::from_config(&w.config("dnssec = false"))
+            .unwrap()
+            .dnssec_selfcheck()
+            .await
+            .is_none()
+    );
+}

@@ -35,5 +35,5 @@ pub use tlsa::{
 };
 pub use verifier::{
     ChainFailure, DaneError, DaneSetupError, DaneVerifier, Match, MatchKind, ReferenceNames,
-    dane_failure, find_dane_failure, tls_failure, verify_chain,
+    dane_failure, find_dane_failure, verify_chain,
 };

@@ -309,15 +309,6 @@ pub fn find_dane_failure<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option
     crate::tls::find_rustls_error(e).and_then(dane_failure)
 }
 
-/// The one rustls-error → RFC 8460 mapping for a DANE session: a [`DaneError`] maps by
-/// [`DaneError::result_type`], anything else as [`TlsFailure::from`] does.
-pub fn tls_failure(e: &rustls::Error) -> TlsFailure {
-    match dane_failure(e) {
-        Some(d) => TlsFailure::from(d),
-        None => TlsFailure::from(e),
-    }
-}
-
 /// Authenticate a presented chain (server certificate first) with the usable records of
 /// `set` (RFC 7672 §3). Any one record passing authenticates the server:
 ///

@@ -2,13 +2,15 @@
 //! hosts, decide each under the domain's MTA-STS policy, connect, secure, transmit,
 //! record the session's TLS outcome (RFC 8461 §5, RFC 5321 §5.1).
 
+mod dane;
 mod pool;
 
-use crate::dns::{MxAnswer, Resolver};
+use crate::dns::{MxAnswer, Resolver, Security};
 use crate::smtp::outbound::{Client, Reply, SmtpError, Stream};
 use crate::sts::{Engine, Lookup, Mode, MxDecision};
 use crate::tls::{TlsFailure, TrustStore};
 use crate::tlsrpt::{PolicyType, ResultType, SessionFailure, SessionRecorder, SessionResult};
+use dane::{DaneHop, Plan};
 use pool::{Idle, Key, Pool};
 use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, SocketAddr};
@@ -127,6 +129,27 @@ fn pool_key(domain: &str, lookup: &Lookup) -> Key {
     }
 }
 
+/// One MX address to try, and how.
+struct Mx<'a> {
+    host: &'a str,
+    ip: IpAddr,
+    /// The MTA-STS verdict for the host.
+    decision: MxDecision,
+    /// STARTTLS is mandatory (DANE, or a secure TLSA RRset without usable records).
+    require_starttls: bool,
+    /// DANE authenticates the host.
+    dane: Option<&'a DaneHop>,
+}
+
+/// The TLS-RPT policy of a session under DANE (or with a DNSSEC failure on the way).
+#[derive(Clone, Copy)]
+struct DaneRecord<'a> {
+    /// The TLSA base domain.
+    base: &'a str,
+    /// The TLSA records in presentation form.
+    policy_strings: &'a [String],
+}
+
 /// How a session with one MX address ended.
 enum SessionEnd {
     /// The transaction ran: per-recipient results.
@@ -234,7 +257,18 @@ impl Deliverer {
     /// random order), each address in turn, until one takes the transaction.
     pub async fn attempt(&self, domain: &str, tx: &Transaction) -> Attempt {
         let all = |r: RcptResult| vec![r; tx.recipients.len()];
-        let hosts = match self.dns.mx(domain).await {
+        // DANE (RFC 7672) unless the message says TLS is optional (RFC 8689).
+        let dnssec = self.dns.dnssec_enabled() && !tx.tls_optional;
+        let mx = if dnssec {
+            self.dns.mx_validated(domain).await
+        } else {
+            self.dns.mx(domain).await.map(|a| (Security::Insecure, a))
+        };
+        let (mx_security, mx) = match mx {
+            Ok((s, a)) => (s, Ok(a)),
+            Err(e) => (Security::Insecure, Err(e)),
+        };
+        let hosts = match mx {
             Ok(MxAnswer::Hosts(h)) => {
                 shuffle_equal_preferences(h.into_iter().map(|m| (m.preference, m.host)).collect())
             }
@@ -275,6 +309,30 @@ impl Deliverer {
             // cached policy if one still applies.
             self.record_fetch_failure(domain, &lookup, e);
         }
+        if let Security::Bogus(why) = &mx_security {
+            // RFC 7672 §2.2.1: MX hosts from a bogus RRset cannot be trusted: defer.
+            self.record_unless(
+                !tx.counts_for_tlsrpt(),
+                domain,
+                &lookup,
+                "",
+                None,
+                None,
+                None,
+                Some(fail(ResultType::DnssecInvalid, "dnssec-mx-bogus")),
+                None,
+            );
+            tracing::warn!(queue_id = %tx.queue_id, %domain, %why, "MX records fail DNSSEC validation; deferred");
+            return Attempt {
+                results: all(RcptResult::Deferred {
+                    reason: format!(
+                        "451 4.7.5 the MX records of {domain} fail DNSSEC validation ({why})"
+                    ),
+                }),
+                policy_blocked: true,
+                mode: lookup.mode(),
+            };
+        }
         if let Some(done) = self.try_reuse(domain, &lookup, tx).await {
             return done;
         }
@@ -282,7 +340,60 @@ impl Deliverer {
         let mut policy_blocked = false;
         for host in &hosts {
             let decision = lookup.check_mx(host);
-            if !decision.may_deliver() {
+            let plan = if dnssec {
+                match dane::plan(
+                    &self.dns,
+                    &self.trust,
+                    self.port,
+                    &mx_security,
+                    host,
+                    decision,
+                )
+                .await
+                {
+                    Ok(p) => p,
+                    Err(reason) => {
+                        last = reason;
+                        continue;
+                    }
+                }
+            } else {
+                Plan::Sts {
+                    decision,
+                    require_starttls: false,
+                    ips: None,
+                }
+            };
+            let (decision, require_starttls, dane, known_ips) = match plan {
+                Plan::Skip { reason, base } => {
+                    self.record_unless(
+                        !tx.counts_for_tlsrpt(),
+                        domain,
+                        &lookup,
+                        host,
+                        None,
+                        None,
+                        None,
+                        Some(fail(reason.result_type(), reason.reason_code())),
+                        Some(DaneRecord {
+                            base: &base,
+                            policy_strings: &[],
+                        }),
+                    );
+                    tracing::warn!(queue_id = %tx.queue_id, %domain, mx = %host, tls = "none (not connected)",
+                        rcpts = tx.recipients.len(), outcome = %format!("skipped: {reason}"), "delivery attempt");
+                    last = format!("451 4.7.5 MX {host} of {domain} is not used: {reason}");
+                    policy_blocked = true;
+                    continue;
+                }
+                Plan::Dane { hop, ips } => (decision, true, Some(hop), Some(ips)),
+                Plan::Sts {
+                    decision,
+                    require_starttls,
+                    ips,
+                } => (decision, require_starttls, None, ips),
+            };
+            if dane.is_none() && !decision.may_deliver() {
                 // R42: not even a connection to an MX outside an enforce policy.
                 self.record_unless(
                     !tx.counts_for_tlsrpt(),
@@ -293,6 +404,7 @@ impl Deliverer {
                     None,
                     None,
                     Some(fail(ResultType::ValidationFailure, "mx-not-in-policy")),
+                    None,
                 );
                 tracing::warn!(queue_id = %tx.queue_id, %domain, mx = %host, mode = crate::ops::metrics::mode_label(lookup.mode()),
                     tls = "none (not connected)", rcpts = tx.recipients.len(),
@@ -304,7 +416,11 @@ impl Deliverer {
                 policy_blocked = true;
                 continue;
             }
-            let ips = match self.dns.ips(host).await {
+            let ips = match known_ips {
+                Some(ips) => Ok(ips),
+                None => self.dns.ips(host).await,
+            };
+            let ips = match ips {
                 Ok(ips) if !ips.is_empty() => ips,
                 Ok(_) => {
                     last = format!("451 4.4.4 MX {host} has no address");
@@ -316,7 +432,14 @@ impl Deliverer {
                 }
             };
             for ip in ips {
-                match self.session(domain, host, ip, decision, &lookup, tx).await {
+                let mx = Mx {
+                    host,
+                    ip,
+                    decision,
+                    require_starttls,
+                    dane: dane.as_ref(),
+                };
+                match self.session(domain, &mx, &lookup, tx).await {
                     SessionEnd::Done(results) => {
                         return Attempt {
                             results,
@@ -358,12 +481,11 @@ impl Deliverer {
     async fn session(
         &self,
         domain: &str,
-        host: &str,
-        ip: IpAddr,
-        decision: MxDecision,
+        mx: &Mx<'_>,
         lookup: &Lookup,
         tx: &Transaction,
     ) -> SessionEnd {
+        let (host, ip, decision, dane) = (mx.host, mx.ip, mx.decision, mx.dane);
         let addr = SocketAddr::new(ip, self.port);
         let next = |reason: String| SessionEnd::Next {
             reason,
@@ -395,18 +517,29 @@ impl Deliverer {
                 mx_helo.clone(),
                 sending_ip,
                 failure,
+                dane.map(|d| DaneRecord {
+                    base: &d.base,
+                    policy_strings: &d.policy.policy_strings,
+                }),
             )
         };
         if !ehlo.has_extension("STARTTLS") {
-            if decision.requires_verified_tls() {
+            if decision.requires_verified_tls() || mx.require_starttls {
                 record(Some(fail(
                     ResultType::StarttlsNotSupported,
                     "starttls-not-offered",
                 )));
                 c.quit().await;
+                let why = if dane.is_some() {
+                    format!("by DANE (TLSA records of {host})")
+                } else if decision.requires_verified_tls() {
+                    format!("by the MTA-STS policy of {domain}")
+                } else {
+                    format!("by the DNSSEC-signed TLSA records of {host}")
+                };
                 return SessionEnd::Next {
                     reason: format!(
-                        "451 4.7.4 TLS is required by the MTA-STS policy of {domain}, but {host}[{ip}] does not offer STARTTLS"
+                        "451 4.7.4 TLS is required {why}, but {host}[{ip}] does not offer STARTTLS"
                     ),
                     policy: true,
                     tls: Some("none (starttls-not-supported)".into()),
@@ -432,15 +565,17 @@ impl Deliverer {
             };
             return self.transact(c, &ehlo, &hop, tx).await;
         }
-        let strict = decision.requires_verified_tls();
-        let config = if strict {
-            self.trust.strict_config()
-        } else {
-            self.trust.opportunistic_config()
+        // DANE or an enforce policy: verified TLS or nothing.
+        let strict = decision.requires_verified_tls() || dane.is_some();
+        let (config, server_name) = match dane {
+            Some(d) => (d.config.clone(), d.base.as_str()),
+            None if strict => (self.trust.strict_config(), host),
+            None => (self.trust.opportunistic_config(), host),
         };
-        match c.starttls(config, host).await {
+        match c.starttls(config, server_name).await {
             Ok((mut tls, info)) => {
                 let failure = match decision {
+                    _ if dane.is_some() => None, // authenticated in the handshake
                     MxDecision::NotInPolicy(_) => {
                         Some(fail(ResultType::ValidationFailure, "mx-not-in-policy"))
                     }
@@ -451,7 +586,9 @@ impl Deliverer {
                         .map(|f| tls_fail(&f)),
                     _ => None, // enforce: verified in the handshake; no policy: nothing to validate
                 };
-                let tls_state = if strict {
+                let tls_state = if dane.is_some() {
+                    format!("{} verified (DANE)", info.version)
+                } else if strict {
                     format!("{} verified", info.version)
                 } else {
                     match self.trust.verify(&info.chain, host) {
@@ -482,10 +619,29 @@ impl Deliverer {
                 self.transact(tls, &ehlo, &hop, tx).await
             }
             Err(SmtpError::Tls(f)) => {
-                if lookup.mode().is_some() {
+                if lookup.mode().is_some() || dane.is_some() {
                     record(Some(tls_fail(&f)));
                 } else {
                     self.note_session(None, Some(f.result_type));
+                }
+                if let Some(d) = dane {
+                    return SessionEnd::Next {
+                        reason: format!(
+                            "451 4.7.5 {host}[{ip}] failed DANE authentication (TLSA records of {}): {f}",
+                            d.base
+                        ),
+                        policy: true,
+                        tls: Some(format!("failed ({})", f.result_type)),
+                    };
+                }
+                if mx.require_starttls && !strict {
+                    return SessionEnd::Next {
+                        reason: format!(
+                            "451 4.7.5 TLS with {host}[{ip}] failed and the DNSSEC-signed TLSA records of {host} require it: {f}"
+                        ),
+                        policy: true,
+                        tls: Some(format!("failed ({})", f.result_type)),
+                    };
                 }
                 if strict {
                     return SessionEnd::Next {
@@ -748,19 +904,38 @@ impl Deliverer {
         helo: Option<String>,
         sending_ip: Option<IpAddr>,
         failure: Option<SessionFailure>,
+        dane: Option<DaneRecord<'_>>,
     ) {
         self.note_session(lookup.mode(), failure.as_ref().map(|f| f.result_type));
         if exempt {
             return;
         }
-        let (policy_type, policy_strings, mx_host_patterns) = match (&lookup.policy, lookup.mode())
-        {
-            (Some(p), Some(_)) => (PolicyType::Sts, p.policy.lines.clone(), patterns(lookup)),
-            _ => (PolicyType::NoPolicyFound, vec![], vec![]),
-        };
+        let (policy_domain, policy_type, policy_strings, mx_host_patterns) =
+            match (dane, &lookup.policy, lookup.mode()) {
+                // RFC 8460 §4.4: for DANE the policy domain is the TLSA base domain,
+                // and its `_smtp._tls` record says where the report goes.
+                (Some(d), _, _) => (
+                    d.base.to_string(),
+                    PolicyType::Tlsa,
+                    d.policy_strings.to_vec(),
+                    vec![],
+                ),
+                (None, Some(p), Some(_)) => (
+                    domain.to_string(),
+                    PolicyType::Sts,
+                    p.policy.lines.clone(),
+                    patterns(lookup),
+                ),
+                _ => (
+                    domain.to_string(),
+                    PolicyType::NoPolicyFound,
+                    vec![],
+                    vec![],
+                ),
+            };
         self.recorder.record(SessionResult {
             at: crate::clock::Clock::now(&crate::clock::SystemClock),
-            policy_domain: domain.to_string(),
+            policy_domain,
             policy_type,
             policy_strings,
             mx_host_patterns,

@@ -323,6 +323,21 @@ pub(super) async fn checked_lookup(
 }
 
 impl Resolver {
+    /// Does DNSSEC validation work through the configured nameservers? Validates the
+    /// DNSKEY RRset of the trust anchor's zone (the root by default). `None` with
+    /// DNSSEC off. Anything but [`Security::Secure`] means every DANE lookup will
+    /// come back bogus (the nameservers strip DNSSEC records, or the anchor is
+    /// wrong), and every domain will be deferred: the relay says so at start.
+    pub async fn dnssec_selfcheck(&self) -> Option<Result<Security, DnsError>> {
+        let v = self.validating.as_ref()?;
+        let zone = self.anchor_zone.clone().unwrap_or_else(|| ".".into());
+        Some(
+            checked_lookup(v, &zone, RecordType::DNSKEY, "DNSKEY")
+                .await
+                .map(|c| c.security),
+        )
+    }
+
     /// MX records of `domain` (as [`Resolver::mx`]) with their DNSSEC status
     /// (RFC 7672 §2.2.1: DANE applies only to MX hosts from a secure MX RRset; a
     /// bogus one defers delivery). A bogus answer carries no hosts

@@ -115,6 +115,8 @@ pub struct Resolver {
     /// The DNSSEC-validating resolver for the DANE lookups; `None` when DNSSEC is off
     /// (`dns.dnssec = false`), and every validated lookup is then [`Security::Insecure`].
     validating: Option<Arc<TokioResolver>>,
+    /// A zone of the trust anchor, whose DNSKEY must validate ([`Resolver::dnssec_selfcheck`]).
+    anchor_zone: Option<String>,
 }
 
 impl std::fmt::Debug for Resolver {
@@ -179,6 +181,7 @@ impl Resolver {
         Ok(Resolver {
             inner: Arc::new(build(nameservers, timeout, None)?),
             validating: None,
+            anchor_zone: None,
         })
     }
 
@@ -203,6 +206,7 @@ impl Resolver {
         Ok(Resolver {
             inner: Arc::new(build(nameservers, timeout, None)?),
             validating: Some(Arc::new(build(nameservers, timeout, Some(anchor))?)),
+            anchor_zone: anchor.zones().first().cloned(),
         })
     }
 

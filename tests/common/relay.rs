@@ -121,7 +121,7 @@ impl Lab {
         std::fs::write(
             &config,
             edit(format!(
-                "[dns]\nnameservers = [\"{}\"]\n[tls]\nextra_roots = [\"{}\"]\n[storage]\ndata_dir = \"{}\"\n\
+                "[dns]\nnameservers = [\"{}\"]\ndnssec = false\n[tls]\nextra_roots = [\"{}\"]\n[storage]\ndata_dir = \"{}\"\n\
                  [delivery]\nport = {}\nhelo_name = \"relay.sender.test\"\nconnect_timeout_secs = 5\ncommand_timeout_secs = 10\n\
                  [sts]\npolicy_port = {}\nfetch_timeout_secs = 5\n\
                  [admin]\nlisten = \"{admin}\"\n\

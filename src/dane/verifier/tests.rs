@@ -477,7 +477,7 @@ fn dane_error_survives_rustls_and_io_wrapping() {
     };
     let rustls_err: rustls::Error = e.clone().into();
     assert_eq!(dane_failure(&rustls_err), Some(&e));
-    let f = tls_failure(&rustls_err);
+    let f = TlsFailure::from(&rustls_err);
     assert_eq!(f.result_type, ResultType::TlsaInvalid);
     assert_eq!(f.reason_code, "dane-tlsa-no-match");
     let io = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls_err);
@@ -486,7 +486,7 @@ fn dane_error_survives_rustls_and_io_wrapping() {
     let other = rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer);
     assert_eq!(dane_failure(&other), None);
     assert_eq!(
-        tls_failure(&other).result_type,
+        TlsFailure::from(&other).result_type,
         ResultType::CertificateNotTrusted
     );
 }
