@@ -7,9 +7,10 @@
 //!   The older side is repaired on the way.
 //! - **TLS-RPT counters** go to Redis in batches that are applied exactly once
 //!   ([`RedisStore::add_counts_once`]). A batch Redis does not take is *spilled* to the
-//!   local SQLite; later batches are spilled behind it to keep the order, and the
-//!   spilled batches are sent again, oldest first, when Redis answers. A batch whose
-//!   answer was lost is therefore never counted twice nor lost.
+//!   local SQLite; later batches are spilled behind it to keep the order (merged into
+//!   one, since none of them was sent), and the spilled batches are sent again, oldest
+//!   first, when Redis answers. A batch whose answer was lost is therefore never
+//!   counted twice nor lost, and a long outage keeps a few rows, not one per batch.
 //! - **The report ledger** and the "day done" marks live in Redis only: every node sees
 //!   the same claims, so each report is sent by one node. While Redis is down reports
 //!   wait; nothing is sent twice.
@@ -514,7 +515,8 @@ impl ReportStore for FleetStore {
             }
         }
         self.local.spill(self.writer.clone(), seq, counts).await?;
-        let n = self.spilled.fetch_add(1, Ordering::SeqCst) + 1;
+        let n = self.local.spilled_batches().await?;
+        self.spilled.store(n, Ordering::SeqCst);
         metrics::store_fallback("add counts");
         metrics::store_spilled(n);
         Ok(())

@@ -96,7 +96,8 @@ impl SqliteStore {
                  failure TEXT NOT NULL,
                  count INTEGER NOT NULL
              );
-             CREATE INDEX IF NOT EXISTS tlsrpt_spill_batch ON tlsrpt_spill (writer, seq);",
+             CREATE UNIQUE INDEX IF NOT EXISTS tlsrpt_spill_key
+                 ON tlsrpt_spill (writer, seq, day, policy_domain, policy, failure);",
         )
         .map_err(err("create schema"))?;
         Ok(SqliteStore {
@@ -137,6 +138,13 @@ pub(crate) type SpilledBatch = (String, u64, Vec<(CounterKey, u64)>);
 
 impl SqliteStore {
     /// Keep a batch of counters until it can be written to the shared store.
+    ///
+    /// Only the first spilled batch may have reached the shared store already (it is
+    /// the one that was sent when the store stopped answering, or the one a drain
+    /// sends); every later one is unsent. So a new batch is merged into this writer's
+    /// last batch when that one is not the first: it takes the new `seq` and the
+    /// counts are summed. A long outage then keeps at most two batches per writer,
+    /// with one row per distinct counter.
     pub(crate) async fn spill(
         &self,
         writer: String,
@@ -146,11 +154,38 @@ impl SqliteStore {
         self.with("spill counts", move |c| {
             let tx = c.unchecked_transaction().map_err(err("spill counts"))?;
             {
+                let head: Option<(String, i64)> = tx
+                    .query_row(
+                        "SELECT writer, seq FROM tlsrpt_spill ORDER BY rowid LIMIT 1",
+                        [],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()
+                    .map_err(err("spill counts"))?;
+                let tail: Option<i64> = tx
+                    .query_row(
+                        "SELECT seq FROM tlsrpt_spill WHERE writer = ?1 ORDER BY rowid DESC LIMIT 1",
+                        params![writer],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(err("spill counts"))?;
+                if let Some(tail) = tail
+                    && head.as_ref() != Some(&(writer.clone(), tail))
+                {
+                    tx.execute(
+                        "UPDATE tlsrpt_spill SET seq = ?3 WHERE writer = ?1 AND seq = ?2",
+                        params![writer, tail, seq as i64],
+                    )
+                    .map_err(err("spill counts"))?;
+                }
                 let mut stmt = tx
                     .prepare_cached(
                         "INSERT INTO tlsrpt_spill
                          (writer, seq, day, policy_domain, policy, failure, count)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                         ON CONFLICT (writer, seq, day, policy_domain, policy, failure)
+                         DO UPDATE SET count = count + excluded.count",
                     )
                     .map_err(err("spill counts"))?;
                 for (k, n) in &counts {
