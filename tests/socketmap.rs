@@ -359,15 +359,12 @@ async fn inside_run_the_relay_and_the_socketmap_share_one_engine() {
         common::smtp::free_port_on(&[Ipv4Addr::LOCALHOST]),
     );
     let sock = lab.dir.path().join("sm.sock");
+    // The lab's relay config has DNSSEC off (unsigned test DNS, see start_socketmap).
     let relay = lab
-        .start_relay_edited(
-            &format!(
-                "[socketmap]\nlisten = [\"{sm_addr}\"]\nunix_path = \"{}\"\nunix_mode = 0o600\n",
-                sock.display()
-            ),
-            // Unsigned test DNS without a root: DNSSEC off (see start_socketmap).
-            |c| c.replacen("[dns]\n", "[dns]\ndnssec = false\n", 1),
-        )
+        .start_relay(&format!(
+            "[socketmap]\nlisten = [\"{sm_addr}\"]\nunix_path = \"{}\"\nunix_mode = 0o600\n",
+            sock.display()
+        ))
         .await;
     let want = "OK secure match=mx1.wild.test servername=hostname";
     let mut c = Client::connect(sm_addr).await;
