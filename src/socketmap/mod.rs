@@ -82,6 +82,11 @@ pub async fn run(cfg: &crate::Config) -> Result<(), SocketmapError> {
     let store = crate::store::Backend::open(cfg)
         .map_err(|e| SocketmapError::Unavailable(format!("policy store ([storage]): {e}")))?;
     store.connect().await;
+    // Broken validation makes every next hop bogus, so every reply `dane-only` (Postfix
+    // defers): say so at start, as the relay does.
+    if let Ok(resolver) = crate::dns::Resolver::from_config(cfg) {
+        crate::relay::dnssec_selfcheck(&resolver).await;
+    }
     let server = Server::with_store(cfg, store.policies())?;
     let listeners = server.bind().await?;
     let mut controls =
