@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Integration suite with real peers, run by .ci/run as root:
-#   Knot DNS (authoritative for "test."), nginx (HTTPS policy hosts), Postfix and
+#   Knot DNS (authoritative for "test.", and signing "dane." for DANE), unbound (a
+#   validating resolver for a DANE Postfix), nginx (HTTPS policy hosts), Postfix and
 #   aiosmtpd (MX hosts with and without STARTTLS), redis-server (a fleet of two
 #   relays), each on its own 127.0.0.x address
 #   inside a network namespace made for the run; the real stsrelay binary checks them.
@@ -20,6 +21,7 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v openssl >/dev/null || need+=(openssl)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v curl >/dev/null || need+=(curl)
+command -v unbound >/dev/null || need+=(unbound)
 if [ ${#need[@]} -gt 0 ]; then
   echo "integration: installing ${need[*]}"
   echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
@@ -430,6 +432,9 @@ source "$HERE/socketmap.sh"
 
 # --- a fleet: two nodes sharing Redis (storage.backend = "redis") ---------------------
 source "$HERE/fleet.sh"
+
+# --- DANE: Knot signs dane.; check, relay + TLS-RPT, Postfix (unbound) via the socketmap
+source "$HERE/dane.sh"
 
 echo "integration: $passed passed, $failed failed"
 [ "$failed" = 0 ]

@@ -1,14 +1,18 @@
-//! `stsrelay check DOMAIN`: a domain's MTA-STS and TLS-RPT set-up as a sender sees it.
-//! The JSON form ([`Report`]) is a stable interface for scripts.
+//! `stsrelay check DOMAIN`: a domain's MTA-STS, DANE and TLS-RPT set-up as a sender
+//! sees it. The JSON form ([`Report`]) is a stable interface for scripts.
+
+pub mod dane;
 
 use crate::Config;
-use crate::dns::{MxAnswer, Resolver};
+use crate::dns::{MxAnswer, Resolver, Security};
 use crate::smtp::outbound;
 use crate::sts::{
-    FetchOptions, HttpsFetcher, Mode, PolicyFetcher, RecordError, normalize_host, select_record,
+    FetchOptions, HttpsFetcher, Mode, MxDecision, Policy, PolicyFetcher, RecordError,
+    normalize_host, select_record,
 };
 use crate::tls::TrustStore;
 use crate::tlsrpt::{ResultType, TlsRptRecordError, select_tlsrpt_record};
+use dane::DaneReport;
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -18,7 +22,8 @@ use std::time::Duration;
 pub struct Report {
     /// The policy domain (A-label).
     pub domain: String,
-    /// A valid policy exists and every MX passes.
+    /// Every MX passes under the policy that governs it (DANE where it applies, else
+    /// MTA-STS), and the domain is protected: a valid MTA-STS policy, or DANE on every MX.
     pub ok: bool,
     /// `_mta-sts` TXT, or null when there is none.
     pub sts_record: Option<RecordReport>,
@@ -96,8 +101,11 @@ pub struct MxReport {
     pub starttls: bool,
     /// Negotiated version, e.g. `TLSv1.3`.
     pub tls_version: Option<String>,
-    /// Certificate verdict for the MX name.
+    /// Certificate verdict for the MX name (WebPKI, as MTA-STS checks it).
     pub certificate: CertificateReport,
+    /// DANE (RFC 7672): DNSSEC status, TLSA records, whether DANE governs this MX and
+    /// whether the certificate matches; null when DNSSEC is off (`dns.dnssec = false`).
+    pub dane: Option<DaneReport>,
 }
 
 /// Certificate verdict.
@@ -112,8 +120,18 @@ pub struct CertificateReport {
 }
 
 impl MxReport {
+    /// Where DANE governs the MX it alone decides (RFC 8461 §2: MTA-STS never rescues
+    /// a DANE failure, and a DANE success needs no WebPKI); a DNSSEC failure means the
+    /// MX is not used; otherwise the MTA-STS checks as without DANE.
     fn passes(&self) -> bool {
-        self.policy_match != Some(false) && self.starttls && self.certificate.ok
+        match &self.dane {
+            Some(d) if d.applies || d.skip.is_some() => d.passes() && self.starttls,
+            _ => self.policy_match != Some(false) && self.starttls && self.certificate.ok,
+        }
+    }
+
+    fn dane_applies(&self) -> bool {
+        self.dane.as_ref().is_some_and(|d| d.applies)
     }
 }
 
@@ -178,10 +196,11 @@ impl Checker {
         };
         let (sts_name, tlsrpt_name) =
             (format!("_mta-sts.{domain}"), format!("_smtp._tls.{domain}"));
-        let (sts, tlsrpt, mx) = tokio::join!(
+        let (sts, tlsrpt, mx, mx_security) = tokio::join!(
             self.resolver.txt(&sts_name),
             self.resolver.txt(&tlsrpt_name),
             self.resolver.mx(&domain),
+            self.mx_security(&domain),
         );
         let mut error = None;
         let (sts_record, id) = match sts.map(|t| select_record(&t)) {
@@ -259,9 +278,10 @@ impl Checker {
             Some(Ok(p)) if p.mode != Mode::None => Some(p),
             _ => None,
         };
+        let mx_security = &mx_security;
         let probes = hosts.iter().map(|(host, pref)| async move {
-            let policy_match = active.map(|p| p.matches_mx(host));
-            self.check_mx(host, *pref, policy_match).await
+            self.check_mx(host, *pref, active, mx_security.as_ref())
+                .await
         });
         let mx = futures_util::future::join_all(probes).await;
         let policy = policy.map(|p| match p {
@@ -278,7 +298,8 @@ impl Checker {
             },
         });
         let policy_ok = matches!(policy, Some(PolicyReport::Valid { .. }));
-        let ok = policy_ok && !mx.is_empty() && mx.iter().all(MxReport::passes);
+        let protected = policy_ok || (!mx.is_empty() && mx.iter().all(MxReport::dane_applies));
+        let ok = protected && !mx.is_empty() && mx.iter().all(MxReport::passes);
         Report {
             domain,
             ok,
@@ -290,7 +311,76 @@ impl Checker {
         }
     }
 
-    async fn check_mx(&self, host: &str, preference: u16, policy_match: Option<bool>) -> MxReport {
+    /// The DNSSEC status of `domain`'s MX RRset (`None` with DNSSEC off).
+    async fn mx_security(&self, domain: &str) -> Option<Result<Security, String>> {
+        if !self.resolver.dnssec_enabled() {
+            return None;
+        }
+        Some(
+            self.resolver
+                .mx_validated(domain)
+                .await
+                .map(|(s, _)| s)
+                .map_err(|e| e.to_string()),
+        )
+    }
+
+    /// DNSSEC facts for `host` (`None` with DNSSEC off).
+    async fn dane_facts(
+        &self,
+        host: &str,
+        mx_rrset: Option<&Result<Security, String>>,
+    ) -> Option<dane::Facts> {
+        let mx_rrset = mx_rrset?.clone();
+        let (address, tlsa) = tokio::join!(
+            self.resolver.ips_validated(host),
+            self.resolver.tlsa(self.port, host)
+        );
+        Some(dane::Facts {
+            mx_rrset,
+            address: address.map(|(s, _)| s).map_err(|e| e.to_string()),
+            tlsa: tlsa.map_err(|e| e.to_string()),
+        })
+    }
+
+    async fn check_mx(
+        &self,
+        host: &str,
+        preference: u16,
+        active: Option<&Policy>,
+        mx_rrset: Option<&Result<Security, String>>,
+    ) -> MxReport {
+        let policy_match = active.map(|p| p.matches_mx(host));
+        let decision = match active {
+            Some(p) if p.matches_mx(host) => MxDecision::Allowed(p.mode),
+            Some(p) => MxDecision::NotInPolicy(p.mode),
+            None => MxDecision::NoPolicy,
+        };
+        let (facts, mut report) = tokio::join!(
+            self.dane_facts(host, mx_rrset),
+            self.probe_mx(host, preference, policy_match)
+        );
+        if let Some(facts) = facts {
+            let mut d = dane::assess(host, &facts, decision);
+            d.judge(
+                host,
+                report.0.starttls,
+                &report.1,
+                report.0.certificate.error.as_deref(),
+            );
+            report.0.dane = Some(d);
+        }
+        report.0
+    }
+
+    /// Connect and look at STARTTLS and the certificate; the report (without `dane`)
+    /// and the presented chain.
+    async fn probe_mx(
+        &self,
+        host: &str,
+        preference: u16,
+        policy_match: Option<bool>,
+    ) -> (MxReport, Vec<rustls_pki_types::CertificateDer<'static>>) {
         let mut report = MxReport {
             host: host.to_string(),
             preference,
@@ -303,16 +393,17 @@ impl Checker {
                 result_type: None,
                 error: None,
             },
+            dane: None,
         };
         let ips = match self.resolver.ips(host).await {
             Ok(ips) if !ips.is_empty() => ips,
             Ok(_) => {
                 report.certificate.error = Some(format!("{host} has no address records"));
-                return report;
+                return (report, vec![]);
             }
             Err(e) => {
                 report.certificate.error = Some(e.to_string());
-                return report;
+                return (report, vec![]);
             }
         };
         let mut last_err = None;
@@ -344,13 +435,13 @@ impl Checker {
                         }
                         None => report.certificate.error = p.error,
                     }
-                    return report;
+                    return (report, p.chain);
                 }
                 Err(e) => last_err = Some(format!("{addr}: {e}")),
             }
         }
         report.certificate.error = last_err;
-        report
+        (report, vec![])
     }
 }
 
@@ -360,7 +451,7 @@ impl Report {
         use std::fmt::Write;
         let mark = |b: bool| if b { "ok  " } else { "FAIL" };
         let mut s = String::new();
-        let _ = writeln!(s, "MTA-STS check for {}", self.domain);
+        let _ = writeln!(s, "MTA-STS and DANE check for {}", self.domain);
         match &self.sts_record {
             None => {
                 let _ = writeln!(
@@ -447,10 +538,16 @@ impl Report {
             if let Some(v) = &m.tls_version {
                 let _ = writeln!(s, "    [ok  ] {v}");
             }
+            // Where DANE governs the MX, the WebPKI verdict is information only.
+            let cert_mark = if m.dane_applies() {
+                "info"
+            } else {
+                mark(m.certificate.ok)
+            };
             let _ = writeln!(
                 s,
                 "    [{}] certificate valid for {}{}",
-                mark(m.certificate.ok),
+                cert_mark,
                 m.host,
                 match (&m.certificate.result_type, &m.certificate.error) {
                     (Some(rt), Some(e)) => format!(": {rt}: {e}"),
@@ -459,6 +556,9 @@ impl Report {
                     _ => String::new(),
                 }
             );
+            for line in m.dane.iter().flat_map(DaneReport::text_lines) {
+                let _ = writeln!(s, "{line}");
+            }
         }
         let _ = writeln!(
             s,

@@ -120,7 +120,7 @@ pub struct Relay {
 /// Say at start whether DNSSEC validation works through `dns.nameservers`: if it does
 /// not, every MX comes back bogus and all mail is deferred (fail closed, never a
 /// silent loss of DANE).
-async fn dnssec_selfcheck(resolver: &Resolver) {
+pub(crate) async fn dnssec_selfcheck(resolver: &Resolver) {
     let check = tokio::time::timeout(Duration::from_secs(15), resolver.dnssec_selfcheck()).await;
     match check {
         Ok(None) => tracing::info!("DNSSEC off (dns.dnssec = false): no DANE"),

@@ -60,13 +60,15 @@ impl Lab {
         self.sinks.push(sink);
     }
 
+    /// The MTA-STS tests run on an unsigned DNS without a root: DNSSEC is off (the DANE
+    /// tests below have their own signed zones and trust anchor).
     fn config(&self) -> PathBuf {
         let ca = self.ca.write_ca_pem(self.dir.path());
         let path = self.dir.path().join("stsrelay.toml");
         std::fs::write(
             &path,
             format!(
-                "[dns]\nnameservers = [\"{}\"]\n[tls]\nextra_roots = [\"{}\"]\n[storage]\ndata_dir = \"{}\"\n[delivery]\nport = {}\nhelo_name = \"relay.sender.test\"\n[sts]\npolicy_port = {}\nfetch_timeout_secs = 5\n",
+                "[dns]\nnameservers = [\"{}\"]\ndnssec = false\n[tls]\nextra_roots = [\"{}\"]\n[storage]\ndata_dir = \"{}\"\n[delivery]\nport = {}\nhelo_name = \"relay.sender.test\"\n[sts]\npolicy_port = {}\nfetch_timeout_secs = 5\n",
                 self.dns.addr(),
                 ca.display(),
                 self.dir.path().join("data").display(),
@@ -154,6 +156,7 @@ async fn good_domain_passes_with_exit_0() {
         assert_eq!(m["tls_version"], "TLSv1.3");
         assert_eq!(m["certificate"]["ok"], true);
         assert_eq!(m["certificate"]["result_type"], Value::Null);
+        assert_eq!(m["dane"], Value::Null, "DNSSEC is off");
     }
     // R47: SNI was the MX host name.
     assert_eq!(
@@ -351,4 +354,273 @@ async fn usage_and_config_errors_exit_2() {
         err.contains("nameserver") && err.contains("bad.toml"),
         "{err}"
     );
+}
+
+// --- DANE (RFC 7672): signed zones from SignedDns, trust anchor in the config -------------
+
+mod dane {
+    use super::common::dnssec::{SignedDns, Signing};
+    use super::common::https::{Behaviour, PolicyHost};
+    use super::common::pki::{Leaf, TestCa, self_signed};
+    use super::common::smtp::{SinkOptions, SmtpSink, free_port_on};
+    use serde_json::Value;
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use std::path::PathBuf;
+    use stsrelay::dane::{CertUsage, MatchingType, Selector, TlsaRecord, matching};
+
+    fn ip(last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(127, 0, 0, last)
+    }
+
+    // Sinks on 127.0.0.40..=127.0.0.49, one port (delivery.port; TLSA at _PORT._tcp).
+    const SINK_IPS: std::ops::RangeInclusive<u8> = 40..=49;
+
+    struct Lab {
+        dns: SignedDns,
+        host: PolicyHost,
+        /// The CA `tls.extra_roots` trusts (WebPKI for MTA-STS).
+        ca: TestCa,
+        dir: tempfile::TempDir,
+        port: u16,
+        sinks: Vec<SmtpSink>,
+    }
+
+    fn record(
+        usage: CertUsage,
+        selector: Selector,
+        cert: &rustls_pki_types::CertificateDer<'_>,
+    ) -> TlsaRecord {
+        matching::record_for(usage, selector, MatchingType::Sha256, cert).unwrap()
+    }
+
+    impl Lab {
+        async fn new() -> Lab {
+            let dns = SignedDns::start().await;
+            dns.add_zone("test.", Signing::Secure);
+            dns.add_zone("insecure.test.", Signing::Unsigned);
+            dns.add_zone("bogus.test.", Signing::WrongKey);
+            let ips: Vec<Ipv4Addr> = SINK_IPS.map(ip).collect();
+            Lab {
+                dns,
+                host: PolicyHost::start(IpAddr::V4(Ipv4Addr::LOCALHOST)).await,
+                ca: TestCa::new("stsrelay check DANE WebPKI CA"),
+                dir: tempfile::tempdir().unwrap(),
+                port: free_port_on(&ips),
+                sinks: vec![],
+            }
+        }
+
+        fn tlsa(&self, host: &str, r: &TlsaRecord) {
+            self.dns.add_tlsa(
+                &format!("_{}._tcp.{host}", self.port),
+                r.usage.into(),
+                r.selector.into(),
+                r.matching.into(),
+                &r.data,
+            );
+        }
+
+        fn policy(&self, domain: &str, body: &str) {
+            let ph = format!("mta-sts.{domain}");
+            self.dns.add_a(&ph, Ipv4Addr::LOCALHOST);
+            self.host.set_cert(&ph, &self.ca.leaf(&[&ph]));
+            self.host.serve(&ph, Behaviour::policy(body));
+            self.dns
+                .add_txt(&format!("_mta-sts.{domain}"), "v=STSv1; id=1");
+        }
+
+        async fn mx(&mut self, domain: &str, host: &str, last: u8, leaf: Option<&Leaf>) {
+            self.dns.add_mx(domain, 10, host);
+            self.dns.add_a(host, ip(last));
+            let opts = match leaf {
+                Some(l) => SinkOptions::tls(host, l.server_config()),
+                None => SinkOptions::plain(host),
+            };
+            let sink = SmtpSink::start(SocketAddr::new(IpAddr::V4(ip(last)), self.port), opts)
+                .await
+                .unwrap();
+            self.sinks.push(sink);
+        }
+
+        fn config(&self) -> PathBuf {
+            let ca = self.ca.write_ca_pem(self.dir.path());
+            let anchor = self.dns.write_trust_anchor(self.dir.path());
+            let path = self.dir.path().join("stsrelay.toml");
+            std::fs::write(
+                &path,
+                format!(
+                    "[dns]\nnameservers = [\"{}\"]\ntrust_anchor = \"{}\"\n[tls]\nextra_roots = [\"{}\"]\n[storage]\ndata_dir = \"{}\"\n[delivery]\nport = {}\nhelo_name = \"relay.sender.test\"\n[sts]\npolicy_port = {}\nfetch_timeout_secs = 5\n",
+                    self.dns.addr(),
+                    anchor.display(),
+                    ca.display(),
+                    self.dir.path().join("data").display(),
+                    self.port,
+                    self.host.addr().port()
+                ),
+            )
+            .unwrap();
+            path
+        }
+
+        /// Exit code, stdout, stderr.
+        async fn run(&self, args: &[&str]) -> (i32, String, String) {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_stsrelay"))
+                .arg("--config")
+                .arg(self.config())
+                .args(args)
+                .output()
+                .await
+                .unwrap();
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+
+        async fn check_json(&self, domain: &str) -> (i32, Value) {
+            let (code, out, err) = self.run(&["check", "--json", domain]).await;
+            let v: Value =
+                serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+            (code, v)
+        }
+    }
+
+    const ENFORCE: &str = "version: STSv1\nmode: enforce\nmx: *.{D}\nmax_age: 86400\n";
+
+    /// Issue 8: per MX, DNSSEC status, TLSA records and whether the certificate matches;
+    /// a DANE host passes without WebPKI, a mismatch fails although MTA-STS is happy.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dane_ee_ta_and_a_mismatch_under_enforce() {
+        let mut lab = Lab::new().await;
+        // DANE-EE: a self-signed certificate for an unrelated name, "3 1 1" of its key.
+        let ee = self_signed(&["not-the-mx.invalid"]);
+        lab.mx("ee.test", "mx.ee.test", 40, Some(&ee)).await;
+        lab.tlsa(
+            "mx.ee.test",
+            &record(CertUsage::DaneEe, Selector::Spki, &ee.chain[0]),
+        );
+        // DANE-TA: a private CA (not in extra_roots), "2 0 1" of it, chain sent.
+        let private = TestCa::new("stsrelay check DANE-TA private CA");
+        let mut ta = private.leaf(&["mx.ta.test"]);
+        ta.chain.push(private.ca_der());
+        lab.mx("ta.test", "mx.ta.test", 41, Some(&ta)).await;
+        lab.tlsa(
+            "mx.ta.test",
+            &record(CertUsage::DaneTa, Selector::Cert, &private.ca_der()),
+        );
+        // Mismatch: WebPKI-valid under an enforce policy, TLSA for another key.
+        let good = lab.ca.leaf(&["mx.mismatch.test"]);
+        lab.mx("mismatch.test", "mx.mismatch.test", 42, Some(&good))
+            .await;
+        lab.policy("mismatch.test", &ENFORCE.replace("{D}", "mismatch.test"));
+        let other = self_signed(&["other.invalid"]);
+        lab.tlsa(
+            "mx.mismatch.test",
+            &record(CertUsage::DaneEe, Selector::Spki, &other.chain[0]),
+        );
+
+        let (code, v) = lab.check_json("ee.test").await;
+        assert_eq!(code, 0, "{v:#}");
+        let m = &v["mx"][0];
+        assert_eq!(m["certificate"]["ok"], false, "{m:#}");
+        let d = &m["dane"];
+        assert_eq!(d["mx_dnssec"], "secure", "{d:#}");
+        assert_eq!(d["address_dnssec"], "secure");
+        assert_eq!(d["tlsa_dnssec"], "secure");
+        assert_eq!(d["tlsa_base"], "mx.ee.test");
+        assert_eq!(d["usable"], true);
+        assert_eq!(d["applies"], true);
+        assert_eq!(d["match"]["kind"], "end-entity");
+        let want = record(CertUsage::DaneEe, Selector::Spki, &ee.chain[0]).to_string();
+        assert_eq!(d["match"]["record"], want.as_str());
+        assert_eq!(d["tlsa"], serde_json::json!([want]));
+        assert_eq!(d["error"], Value::Null);
+        let (code, text, _) = lab.run(&["check", "ee.test"]).await;
+        assert_eq!(code, 0, "{text}");
+        assert!(
+            text.contains("[ok  ] DANE: certificate matches 3 1 1")
+                && text.contains("DNSSEC: MX secure, address secure, TLSA secure")
+                && text.contains("[info] certificate valid for mx.ee.test")
+                && text.contains("RESULT: ok"),
+            "{text}"
+        );
+
+        let (code, v) = lab.check_json("ta.test").await;
+        assert_eq!(code, 0, "{v:#}");
+        let d = &v["mx"][0]["dane"];
+        assert_eq!(d["match"]["kind"], "trust-anchor", "{d:#}");
+        assert_eq!(d["match"]["name"], "mx.ta.test");
+        assert!(d["match"]["record"].as_str().unwrap().starts_with("2 0 1 "));
+        assert_eq!(
+            v["mx"][0]["certificate"]["result_type"],
+            "certificate-not-trusted"
+        );
+
+        let (code, v) = lab.check_json("mismatch.test").await;
+        assert_eq!(code, 1, "{v:#}");
+        assert_eq!(v["ok"], false);
+        assert_eq!(v["policy"]["mode"], "enforce");
+        let m = &v["mx"][0];
+        assert_eq!(m["certificate"]["ok"], true, "{m:#}");
+        assert_eq!(m["policy_match"], true);
+        assert_eq!(m["dane"]["applies"], true);
+        assert_eq!(m["dane"]["match"], Value::Null);
+        assert_eq!(m["dane"]["result_type"], "tlsa-invalid");
+        let (code, text, _) = lab.run(&["check", "mismatch.test"]).await;
+        assert_eq!(code, 1);
+        assert!(text.contains("[FAIL] DANE: tlsa-invalid"), "{text}");
+    }
+
+    /// Bogus zone: the MX is not used (fail); insecure zone: its TLSA records are
+    /// ignored and MTA-STS decides; DANE without STARTTLS fails.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bogus_insecure_and_no_starttls() {
+        let mut lab = Lab::new().await;
+        let unrelated = self_signed(&["unrelated.invalid"]);
+        let unrelated_rec = record(CertUsage::DaneEe, Selector::Spki, &unrelated.chain[0]);
+        let bogus_leaf = lab.ca.leaf(&["mx.bogus.test"]);
+        lab.mx("bogus.test", "mx.bogus.test", 43, Some(&bogus_leaf))
+            .await;
+        lab.tlsa(
+            "mx.bogus.test",
+            &record(CertUsage::DaneEe, Selector::Spki, &bogus_leaf.chain[0]),
+        );
+        let insecure_leaf = lab.ca.leaf(&["mx.insecure.test"]);
+        lab.mx(
+            "insecure.test",
+            "mx.insecure.test",
+            44,
+            Some(&insecure_leaf),
+        )
+        .await;
+        lab.policy("insecure.test", &ENFORCE.replace("{D}", "insecure.test"));
+        lab.tlsa("mx.insecure.test", &unrelated_rec);
+        lab.mx("plain.test", "mx.plain.test", 45, None).await;
+        lab.tlsa("mx.plain.test", &unrelated_rec);
+
+        let (code, v) = lab.check_json("bogus.test").await;
+        assert_eq!(code, 1, "{v:#}");
+        let d = &v["mx"][0]["dane"];
+        assert_eq!(d["mx_dnssec"], "bogus", "{d:#}");
+        assert_eq!(d["applies"], false);
+        assert_eq!(d["result_type"], "dnssec-invalid");
+        assert!(d["skip"].as_str().unwrap().contains("MX RRset"), "{d:#}");
+
+        let (code, v) = lab.check_json("insecure.test").await;
+        assert_eq!(code, 0, "{v:#}");
+        let d = &v["mx"][0]["dane"];
+        assert_eq!(d["mx_dnssec"], "insecure", "{d:#}");
+        assert_eq!(d["tlsa_dnssec"], "insecure");
+        assert_eq!(d["tlsa"], serde_json::json!([unrelated_rec.to_string()]));
+        assert_eq!(d["applies"], false);
+        assert!(d["error"].as_str().unwrap().contains("not DNSSEC-signed"));
+
+        let (code, v) = lab.check_json("plain.test").await;
+        assert_eq!(code, 1, "{v:#}");
+        let d = &v["mx"][0]["dane"];
+        assert_eq!(d["applies"], true, "{d:#}");
+        assert_eq!(d["result_type"], "starttls-not-supported");
+        assert_eq!(v["mx"][0]["starttls"], false);
+    }
 }

@@ -99,7 +99,18 @@ struct Standalone {
     addr: SocketAddr,
 }
 
+/// `stsrelay socketmap` on the lab's unsigned DNS, DNSSEC off (no root to validate
+/// from: every answer would be bogus). The DANE tests use [`start_socketmap_dns`].
 async fn start_socketmap(lab: &Lab, extra: &str) -> Standalone {
+    let dns = format!(
+        "[dns]\nnameservers = [\"{}\"]\ndnssec = false\n",
+        lab.dns.addr()
+    );
+    start_socketmap_dns(lab, &dns, extra).await
+}
+
+/// `stsrelay socketmap` with the `[dns]` section given.
+async fn start_socketmap_dns(lab: &Lab, dns: &str, extra: &str) -> Standalone {
     let addr = SocketAddr::new(
         IpAddr::V4(Ipv4Addr::LOCALHOST),
         common::smtp::free_port_on(&[Ipv4Addr::LOCALHOST]),
@@ -109,10 +120,9 @@ async fn start_socketmap(lab: &Lab, extra: &str) -> Standalone {
     std::fs::write(
         &config,
         format!(
-            "[dns]\nnameservers = [\"{}\"]\n[tls]\nextra_roots = [\"{}\"]\n[storage]\ndata_dir = \"{}\"\n\
+            "{dns}[tls]\nextra_roots = [\"{}\"]\n[storage]\ndata_dir = \"{}\"\n\
              [sts]\npolicy_port = {}\nfetch_timeout_secs = 5\n\
              [socketmap]\nlisten = [\"{addr}\"]\n{extra}",
-            lab.dns.addr(),
             ca.display(),
             lab.dir.path().join("data").display(),
             lab.host.addr().port(),
@@ -349,6 +359,7 @@ async fn inside_run_the_relay_and_the_socketmap_share_one_engine() {
         common::smtp::free_port_on(&[Ipv4Addr::LOCALHOST]),
     );
     let sock = lab.dir.path().join("sm.sock");
+    // The lab's relay config has DNSSEC off (unsigned test DNS, see start_socketmap).
     let relay = lab
         .start_relay(&format!(
             "[socketmap]\nlisten = [\"{sm_addr}\"]\nunix_path = \"{}\"\nunix_mode = 0o600\n",
@@ -424,4 +435,149 @@ async fn bad_socketmap_config_is_a_config_error() {
     let out = socketmap_exit(&config).await;
     assert_eq!(out.status.code(), Some(75));
     assert!(String::from_utf8_lossy(&out.stderr).contains("socketmap.listen"));
+}
+
+// --- DANE: replies that hand the decision to Postfix's own DANE ---------------------------
+
+mod dane {
+    use super::common::dnssec::{SignedDns, Signing};
+    use super::common::https::Behaviour;
+    use super::common::relay::Lab;
+    use super::{Client, start_socketmap_dns};
+    use hickory_proto::rr::RecordType;
+    use std::net::Ipv4Addr;
+
+    const TLSA: [u8; 32] = [0x5a; 32];
+
+    /// Signed `test.` (trust anchor), unsigned `insecure.test.`, bogus `bogus.test.`;
+    /// the policy host of the common lab (its own unsigned DNS is not used).
+    struct DaneLab {
+        lab: Lab,
+        dns: SignedDns,
+    }
+
+    impl DaneLab {
+        async fn new() -> DaneLab {
+            let dns = SignedDns::start().await;
+            dns.add_zone("test.", Signing::Secure);
+            dns.add_zone("insecure.test.", Signing::Unsigned);
+            dns.add_zone("bogus.test.", Signing::WrongKey);
+            DaneLab {
+                lab: Lab::new(&[20]).await,
+                dns,
+            }
+        }
+
+        fn policy(&self, domain: &str, mx: &str) {
+            let ph = format!("mta-sts.{domain}");
+            self.dns.add_a(&ph, Ipv4Addr::LOCALHOST);
+            self.lab.host.set_cert(&ph, &self.lab.ca.leaf(&[&ph]));
+            self.lab.host.serve(
+                &ph,
+                Behaviour::policy(&format!(
+                    "version: STSv1\nmode: enforce\nmx: {mx}\nmax_age: 86400\n"
+                )),
+            );
+            self.dns
+                .add_txt(&format!("_mta-sts.{domain}"), "v=STSv1; id=1");
+        }
+
+        /// An MX host with an address; `tlsa` = (usage, selector, matching) of a record.
+        fn mx(&self, domain: &str, pref: u16, host: &str, tlsa: Option<(u8, u8, u8)>) {
+            self.dns.add_mx(domain, pref, host);
+            self.dns.add_a(host, Ipv4Addr::new(127, 0, 0, 20));
+            if let Some((u, s, m)) = tlsa {
+                self.dns
+                    .add_tlsa(&format!("_25._tcp.{host}"), u, s, m, &TLSA);
+            }
+        }
+
+        async fn socketmap(&self) -> super::Standalone {
+            let anchor = self.dns.write_trust_anchor(self.lab.dir.path());
+            let dns = format!(
+                "[dns]\nnameservers = [\"{}\"]\ntrust_anchor = \"{}\"\n",
+                self.dns.addr(),
+                anchor.display()
+            );
+            start_socketmap_dns(&self.lab, &dns, "[socketmap.zones.nodane]\ndane = false\n").await
+        }
+    }
+
+    const EE: Option<(u8, u8, u8)> = Some((3, 1, 1));
+    const TA: Option<(u8, u8, u8)> = Some((2, 0, 1));
+
+    /// Issue 8: DANE hosts get `dane-only` / `dane` (never an MTA-STS `secure` that would
+    /// let Postfix skip DANE); the rest of the table in src/socketmap/dane.rs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dane_next_hops_get_dane_replies() {
+        let l = DaneLab::new().await;
+        // Every MX DANE, under an enforce policy.
+        l.policy("all.test", "*.all.test");
+        l.mx("all.test", 10, "mx1.all.test", EE);
+        l.mx("all.test", 20, "mx2.all.test", TA);
+        // Some MX DANE: with and without MTA-STS.
+        l.policy("mixed.test", "*.mixed.test");
+        l.mx("mixed.test", 10, "mx1.mixed.test", EE);
+        l.mx("mixed.test", 20, "mx2.mixed.test", None);
+        l.mx("mixednosts.test", 10, "mx1.mixednosts.test", EE);
+        l.mx("mixednosts.test", 20, "mx2.mixednosts.test", None);
+        // DANE and no MTA-STS at all.
+        l.mx("daneonly.test", 10, "mx.daneonly.test", TA);
+        // Enforce policy, no TLSA / unusable TLSA / TLSA in an unsigned zone.
+        l.policy("nodane.test", "mx.nodane.test");
+        l.mx("nodane.test", 10, "mx.nodane.test", None);
+        l.policy("pkix.test", "mx.pkix.test");
+        l.mx("pkix.test", 10, "mx.pkix.test", Some((1, 1, 1)));
+        l.policy("insecure.test", "mx.insecure.test");
+        l.mx("insecure.test", 10, "mx.insecure.test", EE);
+        // A bogus zone, and a next hop without DANE and without a policy.
+        l.mx("bogus.test", 10, "mx.bogus.test", EE);
+        l.mx("plain.test", 10, "mx.plain.test", None);
+        let sm = l.socketmap().await;
+        let mut c = Client::connect(sm.addr).await;
+        let cases = [
+            ("postfix all.test", "OK dane-only"),
+            ("postfix mixed.test", "OK dane-only"),
+            ("postfix mixednosts.test", "OK dane"),
+            ("postfix daneonly.test", "OK dane-only"),
+            (
+                "postfix nodane.test",
+                "OK secure match=mx.nodane.test servername=hostname",
+            ),
+            (
+                "postfix pkix.test",
+                "OK secure match=mx.pkix.test servername=hostname",
+            ),
+            (
+                "postfix insecure.test",
+                "OK secure match=mx.insecure.test servername=hostname",
+            ),
+            ("postfix bogus.test", "OK dane-only"),
+            ("postfix plain.test", "NOTFOUND "),
+            // A [host] next hop: the host's own TLSA records.
+            ("postfix [mx1.all.test]:25", "OK dane-only"),
+            ("postfix [mx.plain.test]", "NOTFOUND "),
+            // A zone with DANE replies off: MTA-STS as before.
+            (
+                "nodane all.test",
+                "OK secure match=mx1.all.test:mx2.all.test servername=hostname",
+            ),
+            ("nodane daneonly.test", "NOTFOUND "),
+        ];
+        for (req, want) in cases {
+            assert_eq!(c.query(req).await, want, "{req}\n{}", l.lab.log());
+        }
+        // The DNSSEC facts are reused (like the MX hosts): no new TLSA queries.
+        l.dns.clear_queries();
+        assert_eq!(c.query("postfix all.test").await, "OK dane-only");
+        assert_eq!(c.query("postfix mixednosts.test").await, "OK dane");
+        let tlsa = l
+            .dns
+            .queries()
+            .into_iter()
+            .filter(|(_, t)| *t == RecordType::TLSA)
+            .count();
+        assert_eq!(tlsa, 0, "{:?}", l.dns.queries());
+        drop(sm);
+    }
 }

@@ -349,6 +349,9 @@ pub struct Probe {
     pub tls_version: Option<String>,
     /// WebPKI verdict on the certificate for the MX name (None if no handshake).
     pub certificate: Option<Result<(), TlsFailure>>,
+    /// The certificate chain the server presented (empty if no handshake), for checks
+    /// beyond WebPKI such as DANE.
+    pub chain: Vec<CertificateDer<'static>>,
     /// A failure after connecting (handshake error etc.).
     pub error: Option<String>,
 }
@@ -370,6 +373,7 @@ pub async fn probe(
         starttls: ehlo.has_extension("STARTTLS"),
         tls_version: None,
         certificate: None,
+        chain: Vec::new(),
         error: None,
     };
     if !probe.starttls {
@@ -380,6 +384,7 @@ pub async fn probe(
         Ok((mut tls, info)) => {
             probe.tls_version = Some(info.version);
             probe.certificate = Some(trust.verify(&info.chain, mx_host));
+            probe.chain = info.chain;
             if let Err(e) = tls.ehlo(helo).await {
                 probe.error = Some(format!("EHLO after STARTTLS: {e}"));
             }

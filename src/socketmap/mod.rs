@@ -15,12 +15,16 @@
 //! - `NOTFOUND ` for no policy, `mode: none`, `testing`, a failed fetch without a cached
 //!   policy, keys starting with `.`, IP literals and other non-domains;
 //! - `TEMP reason` when an enforced policy permits none of the domain's MX hosts (or
-//!   they cannot be resolved for a wildcard pattern): Postfix defers.
+//!   they cannot be resolved for a wildcard pattern): Postfix defers;
+//! - `OK dane-only` or `OK dane` when the key's MX hosts have DNSSEC-secure, usable
+//!   TLSA records (RFC 7672), whatever MTA-STS says: Postfix's own DANE then decides,
+//!   and no MTA-STS answer can override a DANE failure (RFC 8461 §2); see [`dane`].
 //!
 //! Parts: [`netstring`] (framing), [`request`] (`NAME KEY`, key normalisation),
-//! [`reply`] (decisions and rendering), [`server`] (listeners and connections),
-//! [`zones`] (the `[socketmap]` config).
+//! [`reply`] (decisions and rendering), [`dane`] (when DANE replaces the MTA-STS
+//! answer), [`server`] (listeners and connections), [`zones`] (the `[socketmap]` config).
 
+pub mod dane;
 pub mod netstring;
 pub mod reply;
 pub mod request;
@@ -78,6 +82,11 @@ pub async fn run(cfg: &crate::Config) -> Result<(), SocketmapError> {
     let store = crate::store::Backend::open(cfg)
         .map_err(|e| SocketmapError::Unavailable(format!("policy store ([storage]): {e}")))?;
     store.connect().await;
+    // Broken validation makes every next hop bogus, so every reply `dane-only` (Postfix
+    // defers): say so at start, as the relay does.
+    if let Ok(resolver) = crate::dns::Resolver::from_config(cfg) {
+        crate::relay::dnssec_selfcheck(&resolver).await;
+    }
     let server = Server::with_store(cfg, store.policies())?;
     let listeners = server.bind().await?;
     let mut controls =

@@ -2,6 +2,7 @@
 //! answered in order from the shared policy engine.
 
 use super::SocketmapError;
+use super::dane::{DaneDecision, DaneLookup, DnssecLookup, NextHopDane, dane_decision};
 use super::netstring::{self, MAX_REQUEST};
 use super::reply::{Decision, Reply, decide, match_names, needs_mx_hosts, secure_reply};
 use super::request::{Key, Request, normalize_key};
@@ -31,6 +32,11 @@ const MX_CACHE_ENTRIES: usize = 100_000;
 
 /// Domain -> (when looked up, MX host names).
 type MxCache = std::sync::RwLock<std::collections::HashMap<String, (Instant, Arc<[String]>)>>;
+/// (domain, bracketed) -> (when looked up, DNSSEC facts); reused for [`MX_CACHE`] like
+/// the MX hosts. A stale entry errs towards DANE for at most that long (a host that
+/// dropped its TLSA records is deferred by Postfix's own lookups, never downgraded).
+type DaneCache =
+    std::sync::RwLock<std::collections::HashMap<(String, bool), (Instant, Arc<NextHopDane>)>>;
 
 /// MX lookups, the one DNS query the socketmap makes itself (to render wildcard
 /// patterns). [`Resolver`] implements it; tests and embedders may supply their own.
@@ -56,6 +62,8 @@ pub struct SocketmapStats {
     pub secure: AtomicU64,
     /// `TEMP` replies.
     pub temp: AtomicU64,
+    /// `OK dane-only` and `OK dane` replies.
+    pub dane: AtomicU64,
     /// Connections closed for bad framing or oversize requests.
     pub bad_frames: AtomicU64,
 }
@@ -108,6 +116,8 @@ struct Shared {
     engine: Engine,
     mx: Arc<dyn MxLookup>,
     mx_cache: MxCache,
+    dane: Option<Arc<dyn DaneLookup>>,
+    dane_cache: DaneCache,
     cfg: SocketmapConfig,
     stats: SocketmapStats,
 }
@@ -139,13 +149,36 @@ impl Listeners {
 
 impl Server {
     /// A server answering from `engine` (shared with the relay when run inside
-    /// `stsrelay run`), resolving MX hosts with `mx`.
+    /// `stsrelay run`), resolving MX hosts with `mx`; no DANE (see
+    /// [`Server::with_dane`]).
     pub fn new(engine: Engine, mx: Arc<dyn MxLookup>, cfg: SocketmapConfig) -> Server {
+        Self::build(engine, mx, None, cfg)
+    }
+
+    /// Like [`Server::new`], with DANE replies (`dane-only`, `dane`) from the DNSSEC
+    /// facts `dane` gathers, in zones with `dane = true`.
+    pub fn with_dane(
+        engine: Engine,
+        mx: Arc<dyn MxLookup>,
+        dane: Arc<dyn DaneLookup>,
+        cfg: SocketmapConfig,
+    ) -> Server {
+        Self::build(engine, mx, Some(dane), cfg)
+    }
+
+    fn build(
+        engine: Engine,
+        mx: Arc<dyn MxLookup>,
+        dane: Option<Arc<dyn DaneLookup>>,
+        cfg: SocketmapConfig,
+    ) -> Server {
         Server {
             inner: Arc::new(Shared {
                 engine,
                 mx,
                 mx_cache: Default::default(),
+                dane,
+                dane_cache: Default::default(),
                 cfg,
                 stats: SocketmapStats::default(),
             }),
@@ -180,9 +213,11 @@ impl Server {
         let engine = Engine::builder(Arc::new(resolver.clone()), Arc::new(fetcher), store)
             .options(crate::sts::EngineOptions::from_config(cfg))
             .build();
-        Ok(Server::new(
+        let dane = DnssecLookup::new(resolver.clone(), cfg.delivery.port);
+        Ok(Server::with_dane(
             engine,
             Arc::new(resolver),
+            Arc::new(dane),
             cfg.socketmap.clone().unwrap_or_default(),
         ))
     }
@@ -213,16 +248,55 @@ impl Server {
                 return Reply::NotFound;
             }
         };
-        let lookup = match s.engine.policy(&domain).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::debug!(%domain, error = %e, "no policy lookup");
-                return Reply::NotFound;
+        let dane_lookup = async {
+            match &s.dane {
+                Some(_) if zone.dane => Some(self.next_hop_dane(&domain, bracketed).await),
+                _ => None,
             }
         };
-        let cached = match decide(&lookup, zone) {
+        let (lookup, dane) = tokio::join!(s.engine.policy(&domain), dane_lookup);
+        let decision = match &lookup {
+            Ok(l) => decide(l, zone),
+            Err(e) => {
+                tracing::debug!(%domain, error = %e, "no policy lookup");
+                Decision::NotFound
+            }
+        };
+        let sts_applies = matches!(decision, Decision::Secure(_));
+        match dane {
+            None => {}
+            Some(Ok(facts)) => match dane_decision(&facts, sts_applies) {
+                DaneDecision::Sts => {}
+                d => {
+                    s.stats.dane.fetch_add(1, Ordering::Relaxed);
+                    let reply = Reply::Ok(
+                        if d == DaneDecision::DaneOnly {
+                            "dane-only"
+                        } else {
+                            "dane"
+                        }
+                        .into(),
+                    );
+                    tracing::debug!(%domain, dane = ?facts, sts_applies, reply = %reply.text(),
+                        "socketmap: DANE applies; Postfix's DANE decides");
+                    return reply;
+                }
+            },
+            // Without knowing the DANE facts, an MTA-STS `secure` answer might override
+            // Postfix's DANE (RFC 8461 §2): defer. With no MTA-STS policy Postfix keeps
+            // its own default (and its own DANE, if configured).
+            Some(Err(e)) if sts_applies => {
+                s.stats.temp.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%domain, error = %e, "socketmap: DNSSEC lookups failed; deferring");
+                return Reply::Temp(format!("DNSSEC lookups for {domain} failed"));
+            }
+            Some(Err(e)) => {
+                tracing::warn!(%domain, error = %e, "socketmap: DNSSEC lookups failed");
+            }
+        }
+        let cached = match decision {
             Decision::NotFound => {
-                tracing::debug!(%domain, mode = ?lookup.mode(), "socketmap: NOTFOUND");
+                tracing::debug!(%domain, mode = ?lookup.ok().and_then(|l| l.mode()), "socketmap: NOTFOUND");
                 return Reply::NotFound;
             }
             Decision::Secure(p) => p,
@@ -286,6 +360,36 @@ impl Server {
         }
         cache.insert(domain.to_string(), (now, hosts.clone()));
         Ok(hosts)
+    }
+
+    /// The DNSSEC facts of a next hop, reused for [`MX_CACHE`].
+    async fn next_hop_dane(
+        &self,
+        domain: &str,
+        bracketed: bool,
+    ) -> Result<Arc<NextHopDane>, DnsError> {
+        let s = &self.inner;
+        let Some(lookup) = &s.dane else {
+            return Ok(Arc::new(NextHopDane::NotApplicable));
+        };
+        let key = (domain.to_string(), bracketed);
+        let now = Instant::now();
+        if let Some((at, facts)) = s
+            .dane_cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            && now.duration_since(*at) < MX_CACHE
+        {
+            return Ok(facts.clone());
+        }
+        let facts = Arc::new(lookup.next_hop(domain, bracketed).await?);
+        let mut cache = s.dane_cache.write().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= MX_CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(key, (now, facts.clone()));
+        Ok(facts)
     }
 
     /// Bind the configured TCP addresses and unix socket.

@@ -64,6 +64,12 @@ pub struct ZoneConfig {
     /// `mx_host_pattern`, `policy_string`). Default false: Postfix before 3.10
     /// rejects them.
     pub tlsrpt: bool,
+    /// Reply `dane-only` / `dane` for next hops whose MX hosts have DNSSEC-secure,
+    /// usable TLSA records, so that Postfix's own DANE decides (RFC 8461 §2; see
+    /// [`super::dane`]). Default true; needs `smtp_dns_support_level = dnssec` in
+    /// Postfix (without it Postfix defers `dane-only` destinations). False: MTA-STS
+    /// replies only, as before DANE.
+    pub dane: bool,
 }
 
 impl Default for ZoneConfig {
@@ -72,6 +78,7 @@ impl Default for ZoneConfig {
             strict_testing: false,
             require_sni: true,
             tlsrpt: false,
+            dane: true,
         }
     }
 }
