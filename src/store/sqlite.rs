@@ -132,6 +132,39 @@ impl SqliteStore {
     }
 }
 
+/// Counters from a query selecting (day, policy domain, policy, failure, count);
+/// unreadable rows are logged and skipped.
+fn counter_rows(
+    stmt: &mut rusqlite::Statement<'_>,
+    params: impl rusqlite::Params,
+    op: &'static str,
+) -> Result<Vec<(CounterKey, u64)>, StoreError> {
+    let rows = stmt
+        .query_map(params, |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        })
+        .map_err(err(op))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (day, domain, policy, failure, n) = row.map_err(err(op))?;
+        let key = day
+            .parse::<Day>()
+            .ok()
+            .and_then(|d| CounterKey::from_stored(d, domain, &policy, &failure));
+        match key {
+            Some(k) => out.push((k, n.max(0) as u64)),
+            None => tracing::error!(%day, %op, "unreadable TLS-RPT counter skipped"),
+        }
+    }
+    Ok(out)
+}
+
 /// A batch of counters kept locally while the shared store is unreachable
 /// ([`super::FleetStore`]): its writer, sequence number and counts.
 pub(crate) type SpilledBatch = (String, u64, Vec<(CounterKey, u64)>);
@@ -226,29 +259,7 @@ impl SqliteStore {
                      WHERE writer = ?1 AND seq = ?2 ORDER BY rowid",
                 )
                 .map_err(err("read spilled counts"))?;
-            let rows = stmt
-                .query_map(params![writer, seq], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, i64>(4)?,
-                    ))
-                })
-                .map_err(err("read spilled counts"))?;
-            let mut counts = Vec::new();
-            for row in rows {
-                let (day, domain, policy, failure, n) = row.map_err(err("read spilled counts"))?;
-                let key = day
-                    .parse::<Day>()
-                    .ok()
-                    .and_then(|d| CounterKey::from_stored(d, domain, &policy, &failure));
-                match key {
-                    Some(k) => counts.push((k, n.max(0) as u64)),
-                    None => tracing::error!(%day, "unreadable spilled TLS-RPT counter skipped"),
-                }
-            }
+            let counts = counter_rows(&mut stmt, params![writer, seq], "read spilled counts")?;
             Ok(Some((writer, seq.max(0) as u64, counts)))
         })
         .await
@@ -451,30 +462,11 @@ impl ReportStore for SqliteStore {
                      ORDER BY day, policy_domain, policy, failure",
                 )
                 .map_err(err("read counts"))?;
-            let rows = stmt
-                .query_map(params![day.map(|d| d.to_string()), domain], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, i64>(4)?,
-                    ))
-                })
-                .map_err(err("read counts"))?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (day, domain, policy, failure, n) = row.map_err(err("read counts"))?;
-                let key = day
-                    .parse::<Day>()
-                    .ok()
-                    .and_then(|d| CounterKey::from_stored(d, domain, &policy, &failure));
-                match key {
-                    Some(k) => out.push((k, n.max(0) as u64)),
-                    None => tracing::error!(%day, "unreadable TLS-RPT counter skipped"),
-                }
-            }
-            Ok(out)
+            counter_rows(
+                &mut stmt,
+                params![day.map(|d| d.to_string()), domain],
+                "read counts",
+            )
         })
         .await
     }
