@@ -332,14 +332,25 @@ impl Checker {
         mx_rrset: Option<&Result<Security, String>>,
     ) -> Option<dane::Facts> {
         let mx_rrset = mx_rrset?.clone();
-        let (address, tlsa) = tokio::join!(
-            self.resolver.ips_validated(host),
-            self.resolver.tlsa(self.port, host)
-        );
+        let address = self.resolver.ips_validated(host).await;
+        // RFC 7672 §2.2.2: TLSA only for hosts whose addresses are secure (as delivery
+        // does; servers of unsigned zones often mishandle TLSA queries).
+        let tlsa = match &address {
+            Ok((s, _)) if s.is_secure() => self
+                .resolver
+                .tlsa(self.port, host)
+                .await
+                .map_err(|e| e.to_string()),
+            _ => Ok(crate::dns::TlsaAnswer {
+                security: Security::Insecure,
+                records: vec![],
+                base_domain: host.to_string(),
+            }),
+        };
         Some(dane::Facts {
             mx_rrset,
             address: address.map(|(s, _)| s).map_err(|e| e.to_string()),
-            tlsa: tlsa.map_err(|e| e.to_string()),
+            tlsa,
         })
     }
 

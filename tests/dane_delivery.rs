@@ -288,6 +288,15 @@ impl World {
 
     /// Deliver one message to bob@`domain`; the outcome and what was recorded.
     async fn deliver(&self, domain: &str) -> (RcptResult, Vec<SessionResult>) {
+        self.deliver_with(domain, false).await
+    }
+
+    /// Like [`World::deliver`]; `tls_optional` as for a `TLS-Required: No` message.
+    async fn deliver_with(
+        &self,
+        domain: &str,
+        tls_optional: bool,
+    ) -> (RcptResult, Vec<SessionResult>) {
         let tx = Transaction {
             queue_id: "T1".into(),
             mail_from: "alice@sender.test".into(),
@@ -301,7 +310,7 @@ impl World {
             smtputf8: false,
             ret: None,
             envid: None,
-            tls_optional: false,
+            tls_optional,
             tlsrpt_exempt: false,
         };
         let attempt =
@@ -362,6 +371,19 @@ async fn dane_decides_delivery_and_is_reported_as_tlsa() {
     assert_eq!(
         rec[0].failure.as_ref().unwrap().result_type,
         ResultType::StarttlsNotSupported
+    );
+
+    // `TLS-Required: No` (RFC 8689) skips DANE: delivered in plain text. The connection
+    // it leaves idle must not carry the next, ordinary message past DANE.
+    let (r, _) = w.deliver_with("plain.example.dane.test", true).await;
+    assert!(delivered(&r), "{r:?}");
+    assert_eq!(w.sink("plain").message_count(), 1);
+    let (r, _) = w.deliver("plain.example.dane.test").await;
+    assert!(deferred_with(&r, "STARTTLS"), "{r:?}");
+    assert_eq!(
+        w.sink("plain").message_count(),
+        1,
+        "reused a plain-text connection"
     );
 
     // An insecure zone: its TLSA records are ignored; delivered opportunistically.

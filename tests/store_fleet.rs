@@ -154,9 +154,56 @@ async fn policies_come_from_the_local_copy_while_redis_is_down_and_are_given_bac
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(up, "the node did not see Redis come back: {:?}", a.health());
+    // The copy is given back in the background: wait for it (bounded).
+    let r = RedisStore::connect(&server.url(), "fleet:").await.unwrap();
+    for _ in 0..100 {
+        if r.get_policy("down.test").await.unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let b = node(&server.url(), db.path());
     b.connect().await.unwrap();
     assert_eq!(b.get_policy("down.test").await.unwrap(), Some(p2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_dropped_while_it_tries_redis_again_does_not_lock_the_node_out() {
+    if redis_server::skip() {
+        return;
+    }
+    let server = RedisServer::start();
+    let da = tempfile::tempdir().unwrap();
+    let a = node(&server.url(), da.path());
+    a.connect().await.unwrap();
+    let p = policy("probe.test", "1", 1_000);
+    a.put_policy(&p).await.unwrap();
+    server.pause();
+    assert_eq!(
+        bounded(a.get_policy("probe.test")).await.unwrap(),
+        Some(p.clone())
+    );
+    assert!(!a.health().up);
+    // After `retry` (1 s) the next call tries Redis again; its caller gives up on it
+    // before Redis answers (a status page request whose client went away).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let cut = tokio::time::timeout(Duration::from_millis(50), a.get_policy("probe.test")).await;
+    assert!(
+        cut.is_err(),
+        "the call was to be cut off while it waited for Redis"
+    );
+    server.resume();
+    for _ in 0..100 {
+        assert_eq!(
+            bounded(a.get_policy("probe.test")).await.unwrap(),
+            Some(p.clone())
+        );
+        if a.health().up {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the node never tried Redis again: {:?}", a.health());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

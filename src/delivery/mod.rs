@@ -121,11 +121,13 @@ struct Hop<'a> {
     uses: u32,
 }
 
-/// The pool key of `domain` under `lookup`'s policy.
-fn pool_key(domain: &str, lookup: &Lookup) -> Key {
+/// The pool key of `domain` under `lookup`'s policy, for `tx`: connections made for
+/// `TLS-Required: No` messages (no MTA-STS, no DANE) are never reused for others.
+fn pool_key(domain: &str, lookup: &Lookup, tx: &Transaction) -> Key {
     Key {
         domain: domain.to_string(),
         policy: lookup.policy.as_ref().map(|p| (p.id.clone(), p.fetched_at)),
+        relaxed: tx.tls_optional,
     }
 }
 
@@ -218,7 +220,7 @@ impl Deliverer {
     /// Run `tx` on an idle connection to `domain` established under the same policy,
     /// after an `RSET` shows it is still alive. `None`: no usable connection.
     async fn try_reuse(&self, domain: &str, lookup: &Lookup, tx: &Transaction) -> Option<Attempt> {
-        let key = pool_key(domain, lookup);
+        let key = pool_key(domain, lookup, tx);
         // Bounded: a few stale connections are discarded, then a fresh one is made.
         for _ in 0..4 {
             let Idle {
@@ -560,7 +562,7 @@ impl Deliverer {
                 ip,
                 mode: lookup.mode(),
                 tls: "none".into(),
-                key: pool_key(domain, lookup),
+                key: pool_key(domain, lookup, tx),
                 uses: 0,
             };
             return self.transact(c, &ehlo, &hop, tx).await;
@@ -613,7 +615,7 @@ impl Deliverer {
                     ip,
                     mode: lookup.mode(),
                     tls: tls_state,
-                    key: pool_key(domain, lookup),
+                    key: pool_key(domain, lookup, tx),
                     uses: 0,
                 };
                 self.transact(tls, &ehlo, &hop, tx).await
@@ -659,7 +661,7 @@ impl Deliverer {
                     ip,
                     mode: lookup.mode(),
                     tls: format!("none (handshake failed: {})", f.result_type),
-                    key: pool_key(domain, lookup),
+                    key: pool_key(domain, lookup, tx),
                     uses: 0,
                 };
                 self.plaintext_retry(addr, &hop, tx).await

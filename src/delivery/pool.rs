@@ -22,6 +22,9 @@ const MAX_IDLE: usize = 32;
 pub(super) struct Key {
     pub(super) domain: String,
     pub(super) policy: Option<(String, i64)>,
+    /// Made for a message with `TLS-Required: No` (no MTA-STS, no DANE): such a
+    /// connection may be plain text or unverified, so only such messages reuse it.
+    pub(super) relaxed: bool,
 }
 
 /// A connection waiting for its next transaction.

@@ -246,6 +246,18 @@ pub(super) struct Checked {
     pub(super) nx_domain: bool,
 }
 
+impl Checked {
+    /// No records and no say in the security ([`Security::and`] keeps the other side):
+    /// stands in for an address family whose lookup failed.
+    fn empty() -> Checked {
+        Checked {
+            security: Security::Secure,
+            answers: vec![],
+            nx_domain: false,
+        }
+    }
+}
+
 /// The security of a set of records: all secure, or the weakest proof among them.
 fn security_of(records: &[Record], what: &str) -> Security {
     records
@@ -367,7 +379,16 @@ impl Resolver {
             checked_lookup(v, host, RecordType::A, "A"),
             checked_lookup(v, host, RecordType::AAAA, "AAAA"),
         );
-        let (a, aaaa) = (a?, aaaa?);
+        // One family failing (an AAAA SERVFAIL, say) leaves the other's addresses, as
+        // the plain lookup does; both failing is the error.
+        let (a, aaaa) = match (a, aaaa) {
+            (Ok(a), Ok(aaaa)) => (a, aaaa),
+            (Ok(one), Err(e)) | (Err(e), Ok(one)) => {
+                tracing::debug!(%host, error = %e, "one address family failed; using the other");
+                (one, Checked::empty())
+            }
+            (Err(e), Err(_)) => return Err(e),
+        };
         let security = a.security.and(aaaa.security);
         if let Security::Bogus(_) = security {
             return Ok((security, vec![])); // none of the addresses is to be used

@@ -156,18 +156,30 @@ impl DnssecLookup {
         DnssecLookup { resolver, port }
     }
 
+    /// One host: its addresses, then (RFC 7672 §2.2.2: only when they are secure; the
+    /// servers of unsigned zones often mishandle TLSA queries) its TLSA records. A
+    /// failed TLSA lookup makes the host bogus (a DANE client skips it), not the next
+    /// hop's answer `TEMP`.
     async fn host(&self, host: String) -> Result<(String, HostDane), DnsError> {
-        let (address, tlsa) = tokio::join!(
-            self.resolver.ips_validated(&host),
-            self.resolver.tlsa(self.port, &host)
-        );
-        let ((address, _), tlsa) = (address?, tlsa?);
-        let records: TlsaSet = tlsa
-            .records
-            .into_iter()
-            .map(|(u, s, m, d)| TlsaRecord::from_raw(u, s, m, d))
-            .collect();
-        Ok((host, HostDane::classify(address, tlsa.security, records)))
+        let (address, _) = self.resolver.ips_validated(&host).await?;
+        if !address.is_secure() {
+            let dane = HostDane::classify(address, Security::Insecure, TlsaSet::default());
+            return Ok((host, dane));
+        }
+        let (tlsa, records) = match self.resolver.tlsa(self.port, &host).await {
+            Ok(t) => (
+                t.security,
+                t.records
+                    .into_iter()
+                    .map(|(u, s, m, d)| TlsaRecord::from_raw(u, s, m, d))
+                    .collect(),
+            ),
+            Err(e) => (
+                Security::Bogus(format!("TLSA lookup failed: {e}")),
+                TlsaSet::default(),
+            ),
+        };
+        Ok((host, HostDane::classify(address, tlsa, records)))
     }
 }
 

@@ -90,6 +90,26 @@ struct LinkState {
     last_error: Option<String>,
 }
 
+/// What [`Link::may_try`] allows.
+#[derive(PartialEq, Eq)]
+enum Try {
+    Up,
+    Probe,
+    No,
+}
+
+/// Ends a probe however its call ends: a caller dropped mid-call (a status page request
+/// whose client went away) must not leave `probing` set, or no call would ever try
+/// Redis again.
+struct ProbeGuard<'a>(&'a Link);
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.probing = false;
+    }
+}
+
 /// The connection to Redis, with its health.
 struct Link {
     target: RedisTarget,
@@ -149,18 +169,18 @@ impl Link {
         });
     }
 
-    /// May a command be sent now? While down, only one caller at a time, and only
-    /// after `retry`.
-    fn may_try(&self) -> bool {
+    /// May a command be sent now? While down, only one caller at a time (the probe),
+    /// and only after `retry`.
+    fn may_try(&self) -> Try {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if s.up {
-            return true;
+            return Try::Up;
         }
         if s.probing || s.down_until.is_some_and(|t| Instant::now() < t) {
-            return false;
+            return Try::No;
         }
         s.probing = true;
-        true
+        Try::Probe
     }
 
     fn mark_up(&self) {
@@ -212,9 +232,11 @@ impl Link {
             self.ensure_connecting();
             return Err(self.unavailable(op));
         };
-        if !self.may_try() {
-            return Err(self.unavailable(op));
-        }
+        let _probe = match self.may_try() {
+            Try::No => return Err(self.unavailable(op)),
+            Try::Probe => Some(ProbeGuard(self)),
+            Try::Up => None,
+        };
         let timeout = self.target.timeout;
         let result = tokio::time::timeout(timeout, f(redis))
             .await
@@ -404,12 +426,14 @@ impl PolicyStore for FleetStore {
                         tracing::warn!(%domain, error = %e, "cannot copy a shared policy to the local store");
                     }
                     if stale(&remote) {
-                        let b = best.clone();
-                        // The fleet lost it (or has an older one): give it back.
-                        let _ = self
-                            .link
-                            .call("put policy", |r| async move { r.put_policy(&b).await })
-                            .await;
+                        // The fleet lost it (or has an older one): give it back, without
+                        // making this lookup wait for a second Redis command.
+                        let (b, link) = (best.clone(), self.link.clone());
+                        tokio::spawn(async move {
+                            let _ = link
+                                .call("put policy", |r| async move { r.put_policy(&b).await })
+                                .await;
+                        });
                     }
                 }
                 Ok(best)
@@ -515,7 +539,9 @@ impl ReportStore for FleetStore {
             }
         }
         self.local.spill(self.writer.clone(), seq, counts).await?;
-        let n = self.local.spilled_batches().await?;
+        // The batch is kept: from here on this must not fail (a retry of the same
+        // counts would count them twice).
+        let n = self.local.spilled_batches().await.unwrap_or(1).max(1);
         self.spilled.store(n, Ordering::SeqCst);
         metrics::store_fallback("add counts");
         metrics::store_spilled(n);
