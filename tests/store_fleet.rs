@@ -333,3 +333,55 @@ async fn a_batch_sent_again_counts_once() {
     assert!(r.add_counts_once("w1", 6, &batch).await.unwrap());
     assert_eq!(total_in_redis(&server, "once.test").await, 9);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_wait_for_counters_another_node_still_keeps() {
+    if redis_server::skip() {
+        return;
+    }
+    let mut server = RedisServer::start();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = node(&server.url(), da.path());
+    let b = node(&server.url(), db.path());
+    a.connect().await.unwrap();
+    b.connect().await.unwrap();
+    let day: Day = "2026-11-27".parse().unwrap();
+    assert!(a.counts_complete(day).await.unwrap());
+
+    // Redis goes; node b keeps a count of that day; node a notices the outage.
+    server.stop();
+    bounded(b.add_counts(vec![(key("late.test"), 1)]))
+        .await
+        .unwrap();
+    bounded(a.tick()).await;
+    assert!(
+        bounded(a.counts_complete(day)).await.is_err(),
+        "reports wait while Redis is down"
+    );
+
+    server.start_again();
+    for _ in 0..100 {
+        bounded(a.tick()).await;
+        if a.health().up {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(a.health().up);
+    // Just back: the other nodes have not had time to say what they kept.
+    assert!(!a.counts_complete(day).await.unwrap());
+    // A node that says it keeps counts of the day holds the reports back (here a
+    // third node, which has not sent them yet)…
+    let raw = RedisStore::connect(&server.url(), "fleet:").await.unwrap();
+    let now = stsrelay::clock::Clock::now(&stsrelay::clock::SystemClock);
+    raw.announce("node-c", now, Some(day)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await; // past retry (1 s) + 5 s
+    assert!(!a.counts_complete(day).await.unwrap());
+    // …and not a later day's.
+    raw.announce("node-c", now, Some(day.next())).await.unwrap();
+    // Node b sends what it kept and says so.
+    bounded(b.tick()).await;
+    assert_eq!(b.health().spilled_batches, 0);
+    assert!(a.counts_complete(day).await.unwrap());
+    assert_eq!(total_in_redis(&server, "late.test").await, 1);
+}

@@ -88,6 +88,8 @@ struct LinkState {
     probing: bool,
     /// The last failure, for the status page.
     last_error: Option<String>,
+    /// When Redis answered again after a failure.
+    recovered_at: Option<Instant>,
 }
 
 /// What [`Link::may_try`] allows.
@@ -187,6 +189,9 @@ impl Link {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if !s.up {
             tracing::info!(url = %redact(&self.target.url), "Redis answers; the fleet store is shared again");
+            if s.last_error.is_some() {
+                s.recovered_at = Some(Instant::now());
+            }
         }
         s.up = true;
         s.probing = false;
@@ -382,19 +387,56 @@ impl FleetStore {
     pub async fn maintain(self: Arc<Self>) {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let pinged = self
-                .link
-                .call("ping", |r| async move { r.ping().await })
-                .await;
-            if pinged.is_ok()
-                && self.spilled.load(Ordering::SeqCst) > 0
-                && let Err(e) = self.drain().await
-            {
-                tracing::debug!(error = %e, "spilled counters not sent yet");
+            self.tick().await;
+        }
+    }
+
+    /// One round of [`FleetStore::maintain`]: check Redis; when it answers, announce
+    /// this node (and the oldest day of the counters it keeps locally, so that no
+    /// node makes that day's reports without them), send the kept counters, and
+    /// announce again.
+    pub async fn tick(&self) {
+        let pinged = self
+            .link
+            .call("ping", |r| async move { r.ping().await })
+            .await;
+        if pinged.is_err() {
+            return;
+        }
+        self.announce().await;
+        if self.spilled.load(Ordering::SeqCst) > 0 {
+            match self.drain().await {
+                Ok(_) => self.announce().await,
+                Err(e) => tracing::debug!(error = %e, "spilled counters not sent yet"),
             }
         }
     }
+
+    async fn announce(&self) {
+        let oldest = match self.local.oldest_spilled_day().await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the locally kept counters");
+                return;
+            }
+        };
+        let (w, now) = (self.writer.clone(), unix_now());
+        let _ = self
+            .link
+            .call("announce node", |r| async move {
+                r.announce(&w, now, oldest).await
+            })
+            .await;
+    }
 }
+
+fn unix_now() -> i64 {
+    crate::clock::Clock::now(&crate::clock::SystemClock)
+}
+
+/// A node's announcement counts this long: a node gone longer (stopped, or cut off
+/// from Redis) is not waited for; its kept counters arrive late, or with it.
+const NODE_FRESH_SECS: i64 = 120;
 
 /// The newer of two copies of a policy (by fetch time; the Redis copy on a tie).
 fn newer(remote: Option<CachedPolicy>, local: Option<CachedPolicy>) -> Option<CachedPolicy> {
@@ -620,5 +662,41 @@ impl ReportStore for FleetStore {
         self.link
             .call("prune", |r| async move { r.prune_before(day).await })
             .await
+    }
+
+    /// Not while this node's own kept counters of `day` (or earlier) cannot be sent,
+    /// nor within `redis_retry_secs` + 5 s after Redis came back (the other nodes need
+    /// that long to notice and announce what they kept), nor while a node that
+    /// announced itself in the last two minutes keeps counters of `day` or earlier.
+    async fn counts_complete(&self, day: Day) -> Result<bool, StoreError> {
+        if self.spilled.load(Ordering::SeqCst) > 0 {
+            let _ = self.drain().await;
+            if self
+                .local
+                .oldest_spilled_day()
+                .await?
+                .is_some_and(|d| d <= day)
+            {
+                return Ok(false);
+            }
+        }
+        let recovered = self
+            .link
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .recovered_at;
+        let settle = self.link.target.retry + Duration::from_secs(5);
+        if recovered.is_some_and(|t| t.elapsed() < settle) {
+            return Ok(false);
+        }
+        let nodes = self
+            .link
+            .call("read nodes", |r| async move { r.nodes().await })
+            .await?;
+        let now = unix_now();
+        Ok(!nodes.iter().any(|(w, at, oldest)| {
+            *w != self.writer && now - at < NODE_FRESH_SECS && oldest.is_some_and(|d| d <= day)
+        }))
     }
 }

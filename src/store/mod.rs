@@ -84,6 +84,12 @@ pub trait ReportStore: Send + Sync {
     async fn mark_day_done(&self, day: Day, at: i64) -> Result<(), StoreError>;
     /// Forget counters and ledger rows of days before `day`.
     async fn prune_before(&self, day: Day) -> Result<(), StoreError>;
+    /// Are all of `day`'s counters in, so its reports can be made? `false` while
+    /// another node of a fleet still holds some of them (kept while Redis was down).
+    /// A single store is always complete.
+    async fn counts_complete(&self, _day: Day) -> Result<bool, StoreError> {
+        Ok(true)
+    }
 }
 
 #[async_trait::async_trait]
@@ -138,6 +144,9 @@ impl<T: ReportStore + ?Sized> ReportStore for Arc<T> {
     }
     async fn prune_before(&self, day: Day) -> Result<(), StoreError> {
         (**self).prune_before(day).await
+    }
+    async fn counts_complete(&self, day: Day) -> Result<bool, StoreError> {
+        (**self).counts_complete(day).await
     }
 }
 

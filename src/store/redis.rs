@@ -14,6 +14,7 @@
 //! | `tlsrpt:ledger:report:{day}:{domain}` | hash | the one report of (domain, day) |
 //! | `tlsrpt:ledger:due` | zset | pending row ids by `next_try` |
 //! | `tlsrpt:count:applied` | hash | writer → last batch applied ([`RedisStore::add_counts_once`]) |
+//! | `tlsrpt:nodes` | hash | writer → `"<unix time> <oldest day kept locally or ->"` |
 //! | `tlsrpt:done` | hash | day → when its reports were made |
 //!
 //! Counter increments are one MULTI/EXEC per batch; the ledger's insert, claim, update
@@ -438,6 +439,53 @@ impl RedisStore {
             .await
             .map_err(err("add counts"))?;
         Ok(applied == 1)
+    }
+
+    /// Announce node `writer` at `now`, with the oldest day of the counters it still
+    /// keeps locally (`None`: nothing kept). Read by [`RedisStore::nodes`].
+    pub async fn announce(
+        &self,
+        writer: &str,
+        now: i64,
+        oldest_kept: Option<Day>,
+    ) -> Result<(), StoreError> {
+        let value = format!(
+            "{now} {}",
+            oldest_kept
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "-".into())
+        );
+        let key = self.key("tlsrpt:nodes");
+        redis::pipe()
+            .atomic()
+            .cmd("HSET")
+            .arg(&key)
+            .arg(writer)
+            .arg(value)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(86_400)
+            .ignore()
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(err("announce node"))
+    }
+
+    /// Every announced node: (writer, when, oldest day it keeps locally).
+    pub async fn nodes(&self) -> Result<Vec<(String, i64, Option<Day>)>, StoreError> {
+        let all: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.key("tlsrpt:nodes"))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(err("read nodes"))?;
+        Ok(all
+            .into_iter()
+            .filter_map(|(w, v)| {
+                let (at, day) = v.split_once(' ')?;
+                Some((w, at.parse().ok()?, day.parse().ok()))
+            })
+            .collect())
     }
 
     /// Answer PING (a health check).

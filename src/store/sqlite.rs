@@ -278,6 +278,17 @@ impl SqliteStore {
         .await
     }
 
+    /// The oldest day of the spilled counters.
+    pub(crate) async fn oldest_spilled_day(&self) -> Result<Option<Day>, StoreError> {
+        self.with("read spilled counts", |c| {
+            let day: Option<String> = c
+                .query_row("SELECT MIN(day) FROM tlsrpt_spill", [], |r| r.get(0))
+                .map_err(err("read spilled counts"))?;
+            Ok(day.and_then(|d| d.parse().ok()))
+        })
+        .await
+    }
+
     /// How many batches are spilled.
     pub(crate) async fn spilled_batches(&self) -> Result<u64, StoreError> {
         self.with("count spilled counts", |c| {

@@ -489,6 +489,10 @@ impl ReportService {
         if self.store.day_done(day).await? {
             return Ok(true);
         }
+        if !self.store.counts_complete(day).await? {
+            tracing::info!(%day, "another node still keeps TLS-RPT counters of this day (Redis was down); reports wait for them");
+            return Ok(false);
+        }
         let made = self.generate(day, None).await?;
         let retry = made.iter().filter(|g| g.temporary).count();
         if retry > 0 {
