@@ -283,9 +283,9 @@ wait_for relay_dane_ee_self_signed_delivered tls_sink_has 127.0.0.90 "dane-relay
 wait_for relay_dane_ta_private_ca_delivered tls_sink_has 127.0.0.91 "dane-relay bob@ta.dane"
 wait_for relay_insecure_zone_tlsa_ignored_delivered sink_has 127.0.0.95 "dane-relay bob@insecure.dane"
 wait_for relay_dane_and_sts_both_valid_delivered tls_sink_has 127.0.0.96 "dane-relay bob@both.dane"
-wait_for relay_tlsa_mismatch_deferred dane_deferred bob@mismatch.dane "4."
-wait_for relay_tlsa_mismatch_under_sts_enforce_deferred dane_deferred bob@stsmismatch.dane "4."
-wait_for relay_tlsa_without_starttls_deferred dane_deferred bob@nostarttls.dane "4."
+wait_for relay_tlsa_mismatch_deferred dane_deferred bob@mismatch.dane "failed DANE authentication"
+wait_for relay_tlsa_mismatch_under_sts_enforce_deferred dane_deferred bob@stsmismatch.dane "failed DANE authentication"
+wait_for relay_tlsa_without_starttls_deferred dane_deferred bob@nostarttls.dane "does not offer STARTTLS"
 wait_for relay_bogus_zone_deferred dane_deferred bob@bogus.dane "DNSSEC"
 if grep -q "dane-relay bob@\(mismatch\|stsmismatch\)" "$W/sink-127.0.0.92.eml" 2>/dev/null ||
    grep -q "dane-relay" "$W/sink-127.0.0.93.eml" "$W/sink-127.0.0.94.eml" 2>/dev/null; then
