@@ -332,20 +332,22 @@ impl Checker {
         mx_rrset: Option<&Result<Security, String>>,
     ) -> Option<dane::Facts> {
         let mx_rrset = mx_rrset?.clone();
-        let address = self.resolver.ips_validated(host).await;
-        // RFC 7672 §2.2.2: TLSA only for hosts whose addresses are secure (as delivery
-        // does; servers of unsigned zones often mishandle TLSA queries).
-        let tlsa = match &address {
-            Ok((s, _)) if s.is_secure() => self
-                .resolver
-                .tlsa(self.port, host)
-                .await
-                .map_err(|e| e.to_string()),
-            _ => Ok(crate::dns::TlsaAnswer {
+        let (address, tlsa) = tokio::join!(
+            self.resolver.ips_validated(host),
+            self.resolver.tlsa(self.port, host)
+        );
+        // TLSA records of a host whose addresses are not secure are shown but ignored
+        // (RFC 7672 §2.2.2), and a failed lookup of them (the servers of unsigned zones
+        // often mishandle TLSA queries) does not fail the MX, as in delivery.
+        let secure = matches!(&address, Ok((s, _)) if s.is_secure());
+        let tlsa = match tlsa {
+            Ok(t) => Ok(t),
+            Err(_) if !secure => Ok(crate::dns::TlsaAnswer {
                 security: Security::Insecure,
                 records: vec![],
                 base_domain: host.to_string(),
             }),
+            Err(e) => Err(e.to_string()),
         };
         Some(dane::Facts {
             mx_rrset,
