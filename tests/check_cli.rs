@@ -63,43 +63,69 @@ impl Lab {
     /// The MTA-STS tests run on an unsigned DNS without a root: DNSSEC is off (the DANE
     /// tests below have their own signed zones and trust anchor).
     fn config(&self) -> PathBuf {
-        let ca = self.ca.write_ca_pem(self.dir.path());
-        let path = self.dir.path().join("stsrelay.toml");
-        std::fs::write(
-            &path,
-            format!(
-                "[dns]\nnameservers = [\"{}\"]\ndnssec = false\n[tls]\nextra_roots = [\"{}\"]\n[storage]\ndata_dir = \"{}\"\n[delivery]\nport = {}\nhelo_name = \"relay.sender.test\"\n[sts]\npolicy_port = {}\nfetch_timeout_secs = 5\n",
-                self.dns.addr(),
-                ca.display(),
-                self.dir.path().join("data").display(),
-                self.port,
-                self.host.addr().port()
-            ),
+        let dns = format!("nameservers = [\"{}\"]\ndnssec = false", self.dns.addr());
+        write_config(
+            &self.dir,
+            &self.ca,
+            &dns,
+            self.port,
+            self.host.addr().port(),
         )
-        .unwrap();
-        path
     }
 
     async fn run(&self, args: &[&str]) -> (i32, String, String) {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_stsrelay"))
-            .arg("--config")
-            .arg(self.config())
-            .args(args)
-            .output()
-            .await
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        run_with(&self.config(), args).await
     }
 
     async fn check_json(&self, domain: &str) -> (i32, Value) {
-        let (code, out, err) = self.run(&["check", "--json", domain]).await;
-        let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
-        (code, v)
+        check_json_with(&self.config(), domain).await
     }
+}
+
+/// Write `<dir>/stsrelay.toml` for `check`: `[dns]` lines, the test CA, MX port and
+/// policy host port.
+fn write_config(
+    dir: &tempfile::TempDir,
+    ca: &TestCa,
+    dns: &str,
+    port: u16,
+    policy_port: u16,
+) -> PathBuf {
+    let ca = ca.write_ca_pem(dir.path());
+    let path = dir.path().join("stsrelay.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[dns]\n{dns}\n[tls]\nextra_roots = [\"{}\"]\n[storage]\ndata_dir = \"{}\"\n[delivery]\nport = {port}\nhelo_name = \"relay.sender.test\"\n[sts]\npolicy_port = {policy_port}\nfetch_timeout_secs = 5\n",
+            ca.display(),
+            dir.path().join("data").display(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Run the binary with `--config config`: exit code, stdout, stderr.
+async fn run_with(config: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_stsrelay"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `check --json domain`: exit code and the parsed report.
+async fn check_json_with(config: &std::path::Path, domain: &str) -> (i32, Value) {
+    let (code, out, err) = run_with(config, &["check", "--json", domain]).await;
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+    (code, v)
 }
 
 const ENFORCE_GOOD: &str = "version: STSv1\nmode: enforce\nmx: *.good.test\nmax_age: 86400\n";
@@ -443,46 +469,28 @@ mod dane {
         }
 
         fn config(&self) -> PathBuf {
-            let ca = self.ca.write_ca_pem(self.dir.path());
             let anchor = self.dns.write_trust_anchor(self.dir.path());
-            let path = self.dir.path().join("stsrelay.toml");
-            std::fs::write(
-                &path,
-                format!(
-                    "[dns]\nnameservers = [\"{}\"]\ntrust_anchor = \"{}\"\n[tls]\nextra_roots = [\"{}\"]\n[storage]\ndata_dir = \"{}\"\n[delivery]\nport = {}\nhelo_name = \"relay.sender.test\"\n[sts]\npolicy_port = {}\nfetch_timeout_secs = 5\n",
-                    self.dns.addr(),
-                    anchor.display(),
-                    ca.display(),
-                    self.dir.path().join("data").display(),
-                    self.port,
-                    self.host.addr().port()
-                ),
+            let dns = format!(
+                "nameservers = [\"{}\"]\ntrust_anchor = \"{}\"",
+                self.dns.addr(),
+                anchor.display()
+            );
+            super::write_config(
+                &self.dir,
+                &self.ca,
+                &dns,
+                self.port,
+                self.host.addr().port(),
             )
-            .unwrap();
-            path
         }
 
         /// Exit code, stdout, stderr.
         async fn run(&self, args: &[&str]) -> (i32, String, String) {
-            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_stsrelay"))
-                .arg("--config")
-                .arg(self.config())
-                .args(args)
-                .output()
-                .await
-                .unwrap();
-            (
-                out.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            )
+            super::run_with(&self.config(), args).await
         }
 
         async fn check_json(&self, domain: &str) -> (i32, Value) {
-            let (code, out, err) = self.run(&["check", "--json", domain]).await;
-            let v: Value =
-                serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
-            (code, v)
+            super::check_json_with(&self.config(), domain).await
         }
     }
 

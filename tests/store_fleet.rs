@@ -29,6 +29,25 @@ fn node(url: &str, dir: &std::path::Path) -> Arc<FleetStore> {
     Arc::new(FleetStore::new(target, SqliteStore::open(dir).unwrap()))
 }
 
+/// A node connected to Redis now.
+async fn connected(url: &str, dir: &std::path::Path) -> Arc<FleetStore> {
+    let n = node(url, dir);
+    n.connect().await.unwrap();
+    n
+}
+
+/// Poke the node until it sees Redis answer (bounded: 100 times, 100 ms apart).
+async fn until_up(n: &FleetStore, mut poke: impl AsyncFnMut()) {
+    for _ in 0..100 {
+        poke().await;
+        if n.health().up {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the node did not see Redis answer: {:?}", n.health());
+}
+
 fn policy(domain: &str, id: &str, at: i64) -> CachedPolicy {
     CachedPolicy {
         domain: domain.into(),
@@ -90,14 +109,12 @@ async fn a_joining_node_gets_the_fleets_policies_and_keeps_them_without_redis() 
     }
     let mut server = RedisServer::start();
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = node(&server.url(), da.path());
-    a.connect().await.unwrap();
+    let a = connected(&server.url(), da.path()).await;
     let p = policy("shared.test", "1", 1_000);
     a.put_policy(&p).await.unwrap();
 
     // A node that joins has an empty local store; it gets the policy from Redis…
-    let b = node(&server.url(), db.path());
-    b.connect().await.unwrap();
+    let b = connected(&server.url(), db.path()).await;
     assert_eq!(b.get_policy("shared.test").await.unwrap(), Some(p.clone()));
     // …and keeps a copy, so that a restart while Redis is down is no downgrade window.
     assert_eq!(
@@ -119,8 +136,7 @@ async fn policies_come_from_the_local_copy_while_redis_is_down_and_are_given_bac
     }
     let mut server = RedisServer::start();
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = node(&server.url(), da.path());
-    a.connect().await.unwrap();
+    let a = connected(&server.url(), da.path()).await;
     let p1 = policy("down.test", "1", 1_000);
     a.put_policy(&p1).await.unwrap();
 
@@ -141,19 +157,13 @@ async fn policies_come_from_the_local_copy_while_redis_is_down_and_are_given_bac
     // Redis comes back empty (no persistence): the node's copy is given back to it on
     // the next read, so a node that joins gets it.
     server.start_again();
-    let mut up = false;
-    for _ in 0..100 {
+    until_up(&a, async || {
         assert_eq!(
             bounded(a.get_policy("down.test")).await.unwrap(),
             Some(p2.clone())
         );
-        if a.health().up {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(up, "the node did not see Redis come back: {:?}", a.health());
+    })
+    .await;
     // The copy is given back in the background: wait for it (bounded).
     let r = RedisStore::connect(&server.url(), "fleet:").await.unwrap();
     for _ in 0..100 {
@@ -162,8 +172,7 @@ async fn policies_come_from_the_local_copy_while_redis_is_down_and_are_given_bac
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let b = node(&server.url(), db.path());
-    b.connect().await.unwrap();
+    let b = connected(&server.url(), db.path()).await;
     assert_eq!(b.get_policy("down.test").await.unwrap(), Some(p2));
 }
 
@@ -174,8 +183,7 @@ async fn a_call_dropped_while_it_tries_redis_again_does_not_lock_the_node_out() 
     }
     let server = RedisServer::start();
     let da = tempfile::tempdir().unwrap();
-    let a = node(&server.url(), da.path());
-    a.connect().await.unwrap();
+    let a = connected(&server.url(), da.path()).await;
     let p = policy("probe.test", "1", 1_000);
     a.put_policy(&p).await.unwrap();
     server.pause();
@@ -193,17 +201,14 @@ async fn a_call_dropped_while_it_tries_redis_again_does_not_lock_the_node_out() 
         "the call was to be cut off while it waited for Redis"
     );
     server.resume();
-    for _ in 0..100 {
+    // Without the probe being released, the node would never try Redis again.
+    until_up(&a, async || {
         assert_eq!(
             bounded(a.get_policy("probe.test")).await.unwrap(),
             Some(p.clone())
         );
-        if a.health().up {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the node never tried Redis again: {:?}", a.health());
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,8 +218,7 @@ async fn a_hung_redis_does_not_hold_lookups_or_counters() {
     }
     let server = RedisServer::start();
     let da = tempfile::tempdir().unwrap();
-    let a = node(&server.url(), da.path());
-    a.connect().await.unwrap();
+    let a = connected(&server.url(), da.path()).await;
     let p = policy("hung.test", "1", 1_000);
     a.put_policy(&p).await.unwrap();
     a.add_counts(vec![(key("hung.test"), 1)]).await.unwrap();
@@ -260,10 +264,8 @@ async fn counters_kept_while_redis_is_down_reach_it_from_both_nodes_and_across_a
     }
     let mut server = RedisServer::start();
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = node(&server.url(), da.path());
-    let b = node(&server.url(), db.path());
-    a.connect().await.unwrap();
-    b.connect().await.unwrap();
+    let a = connected(&server.url(), da.path()).await;
+    let b = connected(&server.url(), db.path()).await;
 
     server.stop();
     for i in 0..20u64 {
@@ -341,10 +343,8 @@ async fn reports_wait_for_counters_another_node_still_keeps() {
     }
     let mut server = RedisServer::start();
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = node(&server.url(), da.path());
-    let b = node(&server.url(), db.path());
-    a.connect().await.unwrap();
-    b.connect().await.unwrap();
+    let a = connected(&server.url(), da.path()).await;
+    let b = connected(&server.url(), db.path()).await;
     let day: Day = "2026-11-27".parse().unwrap();
     assert!(a.counts_complete(day).await.unwrap());
 
@@ -360,14 +360,7 @@ async fn reports_wait_for_counters_another_node_still_keeps() {
     );
 
     server.start_again();
-    for _ in 0..100 {
-        bounded(a.tick()).await;
-        if a.health().up {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(a.health().up);
+    until_up(&a, async || bounded(a.tick()).await).await;
     // Just back: the other nodes have not had time to say what they kept.
     assert!(!a.counts_complete(day).await.unwrap());
     // A node that says it keeps counts of the day holds the reports back (here a

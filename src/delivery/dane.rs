@@ -9,8 +9,46 @@ use crate::dane::{
 use crate::dns::Resolver;
 use crate::sts::MxDecision;
 use crate::tls::TrustStore;
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+/// At most this many DANE client configs are kept (then the cache starts over).
+const CONFIGS_KEPT: usize = 1024;
+
+/// (MX host, TLSA base domain, the usable records in presentation form).
+type ConfigKey = (String, String, Vec<String>);
+
+/// rustls configs for DANE hosts, by [`ConfigKey`]: built once per RRset rather than
+/// per attempt, and each keeps its TLS session cache, so later sessions with the same
+/// host can resume.
+#[derive(Default)]
+pub(super) struct ConfigCache(Mutex<HashMap<ConfigKey, Arc<rustls::ClientConfig>>>);
+
+impl ConfigCache {
+    fn get_or_build(
+        &self,
+        host: &str,
+        base: &str,
+        set: &TlsaSet,
+        trust: &TrustStore,
+    ) -> Result<Arc<rustls::ClientConfig>, String> {
+        let key = (host.to_string(), base.to_string(), set.presentation());
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(&key) {
+            return Ok(c.clone());
+        }
+        let config = ReferenceNames::new(host, base)
+            .and_then(|names| DaneVerifier::new(set, names, trust.provider().clone()))
+            .map_err(|e| e.to_string())
+            .and_then(|v| v.client_config().map_err(|e| e.to_string()))?;
+        if map.len() >= CONFIGS_KEPT {
+            map.clear();
+        }
+        map.insert(key, config.clone());
+        Ok(config)
+    }
+}
 
 /// An MX host authenticated by DANE: what the session needs.
 pub(super) struct DaneHop {
@@ -47,6 +85,7 @@ pub(super) enum Plan {
 pub(super) async fn plan(
     dns: &Resolver,
     trust: &TrustStore,
+    configs: &ConfigCache,
     port: u16,
     mx_rrset: &Security,
     host: &str,
@@ -92,11 +131,7 @@ pub(super) async fn plan(
         },
         MxPolicy::Dane(set) => {
             let policy = DanePolicy::new(&base, &facts.records);
-            let config = ReferenceNames::new(host, &base)
-                .and_then(|names| DaneVerifier::new(&set, names, trust.provider().clone()))
-                .map_err(|e| e.to_string())
-                .and_then(|v| v.client_config().map_err(|e| e.to_string()));
-            match config {
+            match configs.get_or_build(host, &base, &set, trust) {
                 Ok(config) => Plan::Dane {
                     hop: DaneHop {
                         base,

@@ -106,6 +106,8 @@ pub struct Deliverer {
     timeout: Duration,
     pool: Arc<Pool>,
     activity: Arc<crate::ops::activity::Activity>,
+    /// rustls configs for DANE hosts.
+    dane_configs: dane::ConfigCache,
 }
 
 /// The MX a transaction runs on: for logs and for putting the connection back.
@@ -186,6 +188,7 @@ impl Deliverer {
             connect_timeout: Duration::from_secs(cfg.delivery.connect_timeout_secs),
             timeout: Duration::from_secs(cfg.delivery.command_timeout_secs),
             pool: Arc::new(Pool::default()),
+            dane_configs: dane::ConfigCache::default(),
             activity: Arc::new(crate::ops::activity::Activity::new(
                 crate::clock::Clock::now(&crate::clock::SystemClock),
             )),
@@ -346,6 +349,7 @@ impl Deliverer {
                 match dane::plan(
                     &self.dns,
                     &self.trust,
+                    &self.dane_configs,
                     self.port,
                     &mx_security,
                     host,
